@@ -1,0 +1,74 @@
+/**
+ * Open an image by name: probe its format, open the driver, resolve and open its backing chain
+ * (relative names against the image's folder, backing_fmt honoured, loops and over-deep chains refused).
+ */
+import type { BlockDriver, OpenOptions } from '../core/block-driver.js';
+import type { ByteIO, IOProvider } from '../core/byte-io.js';
+import { QcowError } from '../core/errors.js';
+import { MAX_BACKING_CHAIN_DEPTH } from '../formats/qcow2/constants.js';
+import { RawDriver } from '../formats/raw/driver.js';
+import { Qcow2Driver } from '../formats/qcow2/driver.js';
+
+export interface OpenImageOptions extends OpenOptions {
+  io: IOProvider;
+}
+
+/** Context passed down the chain so loops and depth can be detected. */
+interface ChainState {
+  seen: Set<string>;
+  depth: number;
+}
+
+export const FORMATS = ['qcow2', 'raw'] as const;
+
+export async function probeFormat(io: ByteIO): Promise<string> {
+  const head = new Uint8Array(8);
+  const n = await io.read(head, 0);
+  if (n >= 8) {
+    const dv = new DataView(head.buffer);
+    if (dv.getUint32(0) === 0x514649fb) {
+      const v = dv.getUint32(4);
+      if (v === 2 || v === 3) return 'qcow2';
+      if (v === 1) return 'qcow';
+    }
+  }
+  return 'raw';
+}
+
+export async function openImage(filename: string, opts: OpenImageOptions): Promise<BlockDriver> {
+  return openInChain(filename, opts, { seen: new Set(), depth: 0 });
+}
+
+async function openInChain(filename: string, opts: OpenImageOptions, chain: ChainState): Promise<BlockDriver> {
+  if (chain.depth > MAX_BACKING_CHAIN_DEPTH) {
+    throw new QcowError('EINVAL', `Backing chain of '${filename}' is deeper than ${MAX_BACKING_CHAIN_DEPTH} images`);
+  }
+  if (chain.seen.has(filename)) {
+    throw new QcowError('EINVAL', `Backing file '${filename}' creates an infinite loop`);
+  }
+  chain.seen.add(filename);
+  const readOnly = opts.readOnly ?? true;
+  const io = await opts.io.open(filename, { readOnly });
+  try {
+    const format = opts.format ?? (await probeFormat(io));
+    switch (format) {
+      case 'raw':
+        return await RawDriver.open(io, { readOnly });
+      case 'qcow2':
+        return await Qcow2Driver.open(io, {
+          ...opts,
+          readOnly,
+          provider: opts.io,
+          openBacking: (name, fmt) =>
+            openInChain(name, { io: opts.io, format: fmt, readOnly: true }, { seen: chain.seen, depth: chain.depth + 1 }),
+        });
+      case 'qcow':
+        throw new QcowError('ENOTSUP', `Could not open '${filename}': the qcow (version 1) format is not supported yet`);
+      default:
+        throw new QcowError('EINVAL', `Unknown driver '${format}'`);
+    }
+  } catch (e) {
+    await io.close().catch(() => {});
+    throw e;
+  }
+}

@@ -1,0 +1,62 @@
+/**
+ * Byte-level storage under a format driver: a file, a memory buffer, an HTTP resource, a Blob.
+ * Implementations live in `io/`; the contract lives here so format code never imports Node.
+ */
+export interface ByteIO {
+  /** Name shown to users (file path or URL). */
+  readonly name: string;
+  readonly readOnly: boolean;
+  /** Current length in bytes. */
+  size(): Promise<number>;
+  /**
+   * Positional read into `buf` starting at `offset`. Returns the number of bytes read; fewer than
+   * `buf.length` only at end of file. Never reads past the end.
+   */
+  read(buf: Uint8Array, offset: number): Promise<number>;
+  /** Positional write of the whole buffer. */
+  write(buf: Uint8Array, offset: number): Promise<void>;
+  /** Make every completed write durable. */
+  flush(): Promise<void>;
+  truncate(size: number): Promise<void>;
+  close(): Promise<void>;
+  /**
+   * Where the platform can tell (SEEK_DATA/SEEK_HOLE): the allocation of `[offset, offset+length)`
+   * as runs of data and holes. Undefined when unknown.
+   */
+  dataRuns?(offset: number, length: number): Promise<Array<{ offset: number; length: number; data: boolean }> | undefined>;
+  /** Bytes of storage actually used (st_blocks * 512 for files). */
+  allocatedSize?(): Promise<number>;
+  /** Punch a hole (deallocate) so the range reads as zeros; optional. */
+  punchHole?(offset: number, length: number): Promise<void>;
+}
+
+/** Opens other files relative to an image: backing files, external data files. */
+export interface IOProvider {
+  open(name: string, opts: { readOnly: boolean }): Promise<ByteIO>;
+  /** Resolve `name` relative to the folder holding `base` (QEMU's rule for backing names). */
+  resolve(base: string, name: string): string;
+  /** Create (or truncate) a file for writing. */
+  create?(name: string): Promise<ByteIO>;
+  remove?(name: string): Promise<void>;
+  exists?(name: string): Promise<boolean>;
+}
+
+/** Read exactly `length` bytes at `offset`; bytes past the end of the storage read as zeros. */
+export async function readFully(io: ByteIO, offset: number, length: number): Promise<Uint8Array> {
+  const buf = new Uint8Array(length);
+  await readInto(io, buf, offset);
+  return buf;
+}
+
+/** Fill `buf` from `offset`; bytes past end of storage are zero (buf must start zeroed or be cleared here). */
+export async function readInto(io: ByteIO, buf: Uint8Array, offset: number): Promise<void> {
+  let done = 0;
+  while (done < buf.length) {
+    const n = await io.read(done === 0 ? buf : buf.subarray(done), offset + done);
+    if (n <= 0) {
+      buf.fill(0, done);
+      return;
+    }
+    done += n;
+  }
+}

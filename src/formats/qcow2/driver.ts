@@ -1,0 +1,404 @@
+/**
+ * The qcow2 BlockDriver: opens an image (header, extensions, L1, snapshots, backing, data file)
+ * and serves reads and block status through the cluster map.
+ */
+import type { BlockDriver, DriverInfo, Extent, OpenOptions } from '../../core/block-driver.js';
+import { readInto, type ByteIO, type IOProvider } from '../../core/byte-io.js';
+import { QcowError } from '../../core/errors.js';
+import { codecs } from '../../codecs/registry.js';
+import * as C from './constants.js';
+import { decodeExtensions, decodeHeader, validateHeader, type Qcow2Header } from './header.js';
+import { L2Cache } from './l2-cache.js';
+import { ClusterMap, corruption, geometry, type Geometry, type Mapping } from './cluster-map.js';
+import { readSnapshotTable, type SnapshotEntry } from './snapshot-table.js';
+
+export interface Qcow2OpenOptions extends OpenOptions {
+  readOnly: boolean;
+  provider: IOProvider;
+  openBacking: (name: string, format: string | undefined) => Promise<BlockDriver>;
+}
+
+/** Largest extent list blockStatus returns per call (callers loop). */
+const MAX_EXTENTS_PER_CALL = 8192;
+
+export class Qcow2Driver implements BlockDriver {
+  readonly format = 'qcow2';
+  readonly readOnly: boolean;
+  size: number;
+  backing?: BlockDriver;
+  readonly header: Qcow2Header;
+  readonly g: Geometry;
+  snapshots: SnapshotEntry[];
+  /** Set when reading an internal snapshot's content instead of the active state. */
+  readonly activeSnapshot?: SnapshotEntry;
+  protected map: ClusterMap;
+  protected l2cache: L2Cache;
+  protected io: ByteIO;
+  protected dataIO: ByteIO;
+  protected fileSize: number;
+
+  protected constructor(init: {
+    io: ByteIO;
+    dataIO: ByteIO;
+    header: Qcow2Header;
+    g: Geometry;
+    l1: Uint8Array;
+    snapshots: SnapshotEntry[];
+    size: number;
+    readOnly: boolean;
+    fileSize: number;
+    activeSnapshot?: SnapshotEntry;
+  }) {
+    this.io = init.io;
+    this.dataIO = init.dataIO;
+    this.header = init.header;
+    this.g = init.g;
+    this.snapshots = init.snapshots;
+    this.size = init.size;
+    this.readOnly = init.readOnly;
+    this.fileSize = init.fileSize;
+    this.activeSnapshot = init.activeSnapshot;
+    this.l2cache = new L2Cache((off, len) => this.loadMetadata(off, len, 'L2 table'), this.g.clusterSize);
+    this.map = new ClusterMap(this.g, init.l1, this.l2cache);
+  }
+
+  static async open(io: ByteIO, opts: Qcow2OpenOptions): Promise<Qcow2Driver> {
+    const fileSize = await io.size();
+    const head = new Uint8Array(Math.min(fileSize, C.V3_HEADER_LENGTH_WITH_COMPRESSION));
+    await readInto(io, head, 0);
+    let header = decodeHeader(head);
+    const clusterSize = 2 ** header.clusterBits;
+    const cluster0 = new Uint8Array(Math.min(fileSize, clusterSize));
+    await readInto(io, cluster0, 0);
+    header = decodeHeader(cluster0);
+    decodeExtensions(header, cluster0);
+    validateHeader(header, { readOnly: opts.readOnly });
+    if (header.cryptMethod !== C.CRYPT_NONE && !opts.readOnly) {
+      throw new QcowError('ENOTSUP', 'Encrypted images are not supported yet');
+    }
+    const hasDataFile = (header.incompatibleFeatures & C.INCOMPAT_DATA_FILE) !== 0n;
+    const g = geometry(header.clusterBits, (header.incompatibleFeatures & C.INCOMPAT_EXTL2) !== 0n, hasDataFile);
+
+    // Tables must lie inside the file.
+    const inFile = (off: number, len: number) => off + len <= fileSize;
+    if (!inFile(header.l1TableOffset, header.l1Size * 8)) throw new QcowError('ECORRUPT', 'Active L1 table is past the end of the file');
+    if (!inFile(header.refcountTableOffset, header.refcountTableClusters * clusterSize)) {
+      throw new QcowError('ECORRUPT', 'Reference count table is past the end of the file');
+    }
+    if (header.nbSnapshots && !inFile(header.snapshotsOffset, header.nbSnapshots * 40)) {
+      throw new QcowError('ECORRUPT', 'Snapshot table is past the end of the file');
+    }
+    const snapshots = await readSnapshotTable(
+      (off, len) => readChecked(io, off, len),
+      header.snapshotsOffset,
+      header.nbSnapshots,
+      { version: header.version, fileSize },
+    );
+
+    let l1Offset = header.l1TableOffset;
+    let l1Size = header.l1Size;
+    let size = header.size;
+    let activeSnapshot: SnapshotEntry | undefined;
+    if (opts.snapshot) {
+      const want = opts.snapshot;
+      activeSnapshot =
+        (want.id !== undefined ? snapshots.find((s) => s.id === want.id && (want.name === undefined || s.name === want.name)) : undefined) ??
+        (want.id === undefined && want.name !== undefined ? snapshots.find((s) => s.id === want.name) ?? snapshots.find((s) => s.name === want.name) : undefined);
+      if (!activeSnapshot) {
+        throw new QcowError('ENOENT', `Failed to load snapshot: Can't find snapshot`);
+      }
+      if (activeSnapshot.l1Size > C.QCOW_MAX_L1_SIZE / 8) throw new QcowError('ECORRUPT', 'Snapshot L1 table too large');
+      if (activeSnapshot.l1TableOffset % clusterSize !== 0) throw new QcowError('ECORRUPT', 'Snapshot L1 table offset invalid');
+      if (!inFile(activeSnapshot.l1TableOffset, activeSnapshot.l1Size * 8)) {
+        throw new QcowError('ECORRUPT', 'Snapshot L1 table is past the end of the file');
+      }
+      l1Offset = activeSnapshot.l1TableOffset;
+      l1Size = activeSnapshot.l1Size;
+      size = activeSnapshot.diskSize ?? header.size;
+      if (Math.ceil(size / g.l1Coverage) > l1Size) size = l1Size * g.l1Coverage;
+    }
+    const l1 = await readChecked(io, l1Offset, l1Size * 8);
+
+    let dataIO = io;
+    let dataFileOpened = false;
+    if (hasDataFile) {
+      const name = opts.dataFile ?? header.dataFile;
+      if (name !== undefined) {
+        dataIO = await opts.provider.open(opts.dataFile ? name : opts.provider.resolve(io.name, name), { readOnly: opts.readOnly });
+        dataFileOpened = true;
+      } else if (!opts.readOnly) {
+        throw new QcowError('EINVAL', "'data-file' is required for this image");
+      }
+    }
+
+    const drv = new Qcow2Driver({
+      io,
+      dataIO,
+      header,
+      g,
+      l1,
+      snapshots,
+      size,
+      readOnly: opts.readOnly || activeSnapshot !== undefined,
+      fileSize,
+      activeSnapshot,
+    });
+    drv.dataFileMissing = hasDataFile && !dataFileOpened;
+    try {
+      if (header.backingFile !== undefined && !opts.noBacking) {
+        const name = opts.provider.resolve(io.name, header.backingFile);
+        try {
+          drv.backing = await opts.openBacking(name, header.backingFormat);
+        } catch (e) {
+          const msg = e instanceof Error ? e.message : String(e);
+          throw new QcowError(e instanceof QcowError ? e.code : 'EIO', `Could not open backing file: ${msg}`);
+        }
+      }
+    } catch (e) {
+      if (dataFileOpened) await dataIO.close().catch(() => {});
+      throw e;
+    }
+    return drv;
+  }
+
+  dataFileMissing = false;
+
+  get filename(): string {
+    return this.io.name;
+  }
+
+  /** Read metadata that must lie inside the image file. */
+  protected async loadMetadata(offset: number, length: number, what: string): Promise<Uint8Array> {
+    if (offset + length > this.fileSize) {
+      const end = await this.io.size();
+      this.fileSize = end;
+      if (offset + length > end) throw corruption(`${what} at offset 0x${offset.toString(16)} is past the end of the file`);
+    }
+    return readChecked(this.io, offset, length);
+  }
+
+  private checkRange(offset: number, length: number) {
+    if (!Number.isInteger(offset) || !Number.isInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
+      throw new QcowError('EINVAL', `Request [${offset}, +${length}) is past the end of '${this.filename}' (${this.size} bytes)`);
+    }
+  }
+
+  private checkDataAccess() {
+    if (this.header.cryptMethod !== C.CRYPT_NONE) {
+      throw new QcowError('ENOTSUP', `Could not read '${this.filename}': encryption not supported yet`);
+    }
+    if (this.dataFileMissing) throw new QcowError('EINVAL', "'data-file' is required for this image");
+  }
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    const buf = new Uint8Array(length);
+    await this.readInto(buf, offset);
+    return buf;
+  }
+
+  async readInto(buf: Uint8Array, offset: number): Promise<void> {
+    this.checkRange(offset, buf.length);
+    this.checkDataAccess();
+    const pending: Promise<void>[] = [];
+    let pos = 0;
+    while (pos < buf.length) {
+      const m = await this.map.lookup(offset + pos, buf.length - pos);
+      const sub = buf.subarray(pos, pos + m.bytes);
+      pending.push(this.readMapped(m, sub, offset + pos));
+      pos += m.bytes;
+    }
+    await Promise.all(pending);
+  }
+
+  private async readMapped(m: Mapping, sub: Uint8Array, guestOffset: number): Promise<void> {
+    switch (m.type) {
+      case 'normal':
+        await readInto(this.dataIO, sub, m.hostOffset!);
+        return;
+      case 'zero-plain':
+      case 'zero-alloc':
+        sub.fill(0);
+        return;
+      case 'unallocated':
+      case 'unallocated-alloc':
+        await this.readBacking(sub, guestOffset);
+        return;
+      case 'compressed': {
+        const cluster = await this.readCompressedCluster(m.compressed!.offset, m.compressed!.length);
+        const inCluster = guestOffset % this.g.clusterSize;
+        sub.set(cluster.subarray(inCluster, inCluster + sub.length));
+        return;
+      }
+      case 'invalid':
+        throw corruption(m.problem ?? 'invalid cluster entry');
+    }
+  }
+
+  protected async readBacking(sub: Uint8Array, guestOffset: number): Promise<void> {
+    const b = this.backing;
+    if (!b || guestOffset >= b.size) {
+      sub.fill(0);
+      return;
+    }
+    const n = Math.min(sub.length, b.size - guestOffset);
+    await b.readInto(n === sub.length ? sub : sub.subarray(0, n), guestOffset);
+    if (n < sub.length) sub.fill(0, n);
+  }
+
+  protected async readCompressedCluster(coffset: number, clen: number): Promise<Uint8Array> {
+    if (coffset >= this.fileSize) {
+      this.fileSize = await this.io.size();
+      if (coffset >= this.fileSize) {
+        throw corruption(`compressed cluster at offset 0x${coffset.toString(16)} is past the end of the file`);
+      }
+    }
+    const len = Math.min(clen, this.fileSize - coffset);
+    const input = new Uint8Array(len);
+    await readInto(this.io, input, coffset);
+    const cs = this.g.clusterSize;
+    try {
+      return this.header.compressionType === C.COMPRESSION_ZSTD
+        ? await codecs().zstdDecompress(input, cs)
+        : await codecs().inflateRaw(input, cs);
+    } catch (e) {
+      if (e instanceof QcowError && e.code === 'ENOTSUP') throw e;
+      throw new QcowError('EIO', `Input/output error: could not decompress the cluster at host offset 0x${coffset.toString(16)}`);
+    }
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    this.checkRange(offset, length);
+    const out: Extent[] = [];
+    const file = this.dataIO.name;
+    const encrypted = this.header.cryptMethod !== C.CRYPT_NONE;
+    let pos = offset;
+    const end = offset + length;
+    while (pos < end && out.length < MAX_EXTENTS_PER_CALL) {
+      const m = await this.map.lookup(pos, end - pos);
+      const plainHost = !encrypted && m.hostOffset !== undefined ? { hostOffset: m.hostOffset, file } : {};
+      switch (m.type) {
+        case 'normal':
+          push(out, { offset: pos, length: m.bytes, kind: 'data', depth: 0, ...plainHost });
+          break;
+        case 'compressed':
+          push(out, { offset: pos, length: m.bytes, kind: 'data', depth: 0 });
+          break;
+        case 'zero-plain':
+        case 'zero-alloc':
+          push(out, { offset: pos, length: m.bytes, kind: 'zero', depth: 0, ...plainHost });
+          break;
+        case 'unallocated':
+        case 'unallocated-alloc':
+          for (const e of await this.backingStatus(pos, m.bytes)) {
+            push(out, e.depth === 0 && m.hostOffset !== undefined && !encrypted ? { ...e, hostOffset: m.hostOffset + (e.offset - pos), file } : e);
+          }
+          break;
+        case 'invalid':
+          throw corruption(m.problem ?? 'invalid cluster entry');
+      }
+      pos += m.bytes;
+    }
+    return out;
+  }
+
+  /** Status of a range this image does not allocate: from the backing chain, or unallocated here. */
+  private async backingStatus(offset: number, length: number): Promise<Extent[]> {
+    const b = this.backing;
+    if (!b || offset >= b.size) return [{ offset, length, kind: 'unallocated', depth: 0 }];
+    const out: Extent[] = [];
+    const inBacking = Math.min(length, b.size - offset);
+    let pos = offset;
+    while (pos < offset + inBacking) {
+      const ext = await b.blockStatus(pos, offset + inBacking - pos);
+      for (const e of ext) out.push({ ...e, depth: e.depth + 1 });
+      pos = ext[ext.length - 1]!.offset + ext[ext.length - 1]!.length;
+    }
+    if (inBacking < length) out.push({ offset: offset + inBacking, length: length - inBacking, kind: 'unallocated', depth: 0 });
+    return out;
+  }
+
+  async write(): Promise<void> {
+    throw new QcowError('ENOTSUP', 'Writing qcow2 images is not supported yet');
+  }
+  async writeZeroes(): Promise<void> {
+    throw new QcowError('ENOTSUP', 'Writing qcow2 images is not supported yet');
+  }
+  async discard(): Promise<void> {
+    throw new QcowError('ENOTSUP', 'Writing qcow2 images is not supported yet');
+  }
+  async flush(): Promise<void> {}
+
+  async close(): Promise<void> {
+    if (this.backing) await this.backing.close();
+    if (this.dataIO !== this.io) await this.dataIO.close();
+    await this.io.close();
+  }
+
+  info(): DriverInfo {
+    const h = this.header;
+    const v3 = h.version === 3;
+    const data: Record<string, unknown> = {
+      compat: v3 ? '1.1' : '0.10',
+      'compression-type': h.compressionType === C.COMPRESSION_ZSTD ? 'zstd' : 'zlib',
+    };
+    if (v3) data['lazy-refcounts'] = (h.compatibleFeatures & C.COMPAT_LAZY_REFCOUNTS) !== 0n;
+    data['refcount-bits'] = 2 ** h.refcountOrder;
+    if (v3) {
+      data.corrupt = (h.incompatibleFeatures & C.INCOMPAT_CORRUPT) !== 0n;
+      data['extended-l2'] = this.g.extendedL2;
+      if (h.dataFile !== undefined) data['data-file'] = h.dataFile;
+      if (h.incompatibleFeatures & C.INCOMPAT_DATA_FILE) data['data-file-raw'] = (h.autoclearFeatures & C.AUTOCLEAR_DATA_FILE_RAW) !== 0n;
+    }
+    if (h.cryptMethod === C.CRYPT_AES) data.encrypt = { format: 'aes' };
+    else if (h.cryptMethod === C.CRYPT_LUKS) data.encrypt = { format: 'luks' };
+    return {
+      clusterSize: this.g.clusterSize,
+      dirty: (h.incompatibleFeatures & C.INCOMPAT_DIRTY) !== 0n,
+      encrypted: h.cryptMethod !== C.CRYPT_NONE || undefined,
+      backingFilename: h.backingFile,
+      backingFormat: h.backingFormat,
+      snapshots: this.snapshots.map((s) => ({
+        id: s.id,
+        name: s.name,
+        vmStateSize: s.vmStateSize,
+        dateSec: s.dateSec,
+        dateNsec: s.dateNsec,
+        vmClockNsec: s.vmClockNsec,
+        icount: s.icount < 0 ? undefined : s.icount,
+        diskSize: s.diskSize,
+      })),
+      formatSpecific: { type: 'qcow2', data },
+    };
+  }
+
+  async actualSize(): Promise<number | undefined> {
+    if (!this.io.allocatedSize) return undefined;
+    let n = await this.io.allocatedSize();
+    if (this.dataIO !== this.io && this.dataIO.allocatedSize) n += await this.dataIO.allocatedSize();
+    return n;
+  }
+}
+
+function push(out: Extent[], e: Extent): void {
+  const last = out[out.length - 1];
+  if (
+    last &&
+    last.kind === e.kind &&
+    last.depth === e.depth &&
+    last.file === e.file &&
+    last.zeroData === e.zeroData &&
+    last.offset + last.length === e.offset &&
+    (last.hostOffset === undefined) === (e.hostOffset === undefined) &&
+    (last.hostOffset === undefined || last.hostOffset + last.length === e.hostOffset)
+  ) {
+    last.length += e.length;
+    return;
+  }
+  out.push(e);
+}
+
+async function readChecked(io: ByteIO, offset: number, length: number): Promise<Uint8Array> {
+  const buf = new Uint8Array(length);
+  await readInto(io, buf, offset);
+  return buf;
+}

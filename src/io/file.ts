@@ -1,0 +1,122 @@
+import { promises as fsp, constants as fsc } from 'node:fs';
+import * as path from 'node:path';
+import type { ByteIO, IOProvider } from '../core/byte-io.js';
+import { QcowError } from '../core/errors.js';
+import { sparseRuns } from './sparse.js';
+
+/** A file opened with fs.promises: positional reads and writes, no buffering of its own. */
+export class FileIO implements ByteIO {
+  readonly name: string;
+  readonly readOnly: boolean;
+  private fh: fsp.FileHandle;
+  private closed = false;
+
+  private constructor(name: string, fh: fsp.FileHandle, readOnly: boolean) {
+    this.name = name;
+    this.fh = fh;
+    this.readOnly = readOnly;
+  }
+
+  static async open(name: string, opts: { readOnly: boolean }): Promise<FileIO> {
+    try {
+      const fh = await fsp.open(name, opts.readOnly ? fsc.O_RDONLY : fsc.O_RDWR);
+      const st = await fh.stat();
+      if (st.isDirectory()) {
+        await fh.close();
+        throw new QcowError('EINVAL', `Could not open '${name}': Is a directory`);
+      }
+      return new FileIO(name, fh, opts.readOnly);
+    } catch (e) {
+      throw fileError(name, e);
+    }
+  }
+
+  static async create(name: string): Promise<FileIO> {
+    try {
+      const fh = await fsp.open(name, fsc.O_RDWR | fsc.O_CREAT | fsc.O_TRUNC, 0o644);
+      return new FileIO(name, fh, false);
+    } catch (e) {
+      throw fileError(name, e, 'create');
+    }
+  }
+
+  get fd(): number {
+    return this.fh.fd;
+  }
+
+  async size(): Promise<number> {
+    return (await this.fh.stat()).size;
+  }
+
+  async allocatedSize(): Promise<number> {
+    return (await this.fh.stat()).blocks * 512;
+  }
+
+  async read(buf: Uint8Array, offset: number): Promise<number> {
+    const { bytesRead } = await this.fh.read(buf, 0, buf.length, offset);
+    return bytesRead;
+  }
+
+  async write(buf: Uint8Array, offset: number): Promise<void> {
+    if (this.readOnly) throw new QcowError('EPERM', `Cannot write to read-only file '${this.name}'`);
+    let done = 0;
+    while (done < buf.length) {
+      const { bytesWritten } = await this.fh.write(buf, done, buf.length - done, offset + done);
+      done += bytesWritten;
+    }
+  }
+
+  async flush(): Promise<void> {
+    if (!this.readOnly) await this.fh.datasync();
+  }
+
+  async truncate(size: number): Promise<void> {
+    await this.fh.truncate(size);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.fh.close();
+  }
+
+  async dataRuns(offset: number, length: number) {
+    return sparseRuns(this.fh.fd, offset, length);
+  }
+}
+
+function fileError(name: string, e: unknown, verb = 'open'): Error {
+  if (e instanceof QcowError) return e;
+  const err = e as NodeJS.ErrnoException;
+  const why: Record<string, string> = {
+    ENOENT: 'No such file or directory',
+    EACCES: 'Permission denied',
+    EISDIR: 'Is a directory',
+    EROFS: 'Read-only file system',
+    ENOTDIR: 'Not a directory',
+    EEXIST: 'File exists',
+  };
+  const reason = (err.code && why[err.code]) || err.message;
+  return new QcowError(err.code === 'ENOENT' ? 'ENOENT' : 'EIO', `Could not ${verb} '${name}': ${reason}`);
+}
+
+/** Opens files on the local file system; names relative to an image resolve against its folder. */
+export const fileProvider: IOProvider = {
+  open: (name, opts) => FileIO.open(name, opts),
+  create: (name) => FileIO.create(name),
+  resolve(base: string, name: string): string {
+    if (path.isAbsolute(name)) return name;
+    return path.join(path.dirname(base), name);
+  },
+  async remove(name: string) {
+    await fsp.rm(name, { force: true });
+  },
+  async exists(name: string) {
+    try {
+      await fsp.stat(name);
+      return true;
+    } catch {
+      return false;
+    }
+  },
+};
