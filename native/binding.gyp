@@ -1,0 +1,10 @@
+{
+  "targets": [
+    {
+      "target_name": "qcowkit_sparse",
+      "sources": ["sparse.c"],
+      "defines": ["NAPI_VERSION=8", "_FILE_OFFSET_BITS=64", "_GNU_SOURCE"],
+      "cflags": ["-Wall", "-Wextra"]
+    }
+  ]
+}

@@ -1,0 +1,122 @@
+/*
+ * qcowkit_sparse: lseek(2) with SEEK_DATA / SEEK_HOLE for Node, which has no lseek.
+ *
+ *   seek(fd, offset, whence) -> number
+ *     whence is SEEK_DATA or SEEK_HOLE (exported constants below).
+ *     Returns the resulting offset, or -1 when lseek fails with ENXIO
+ *     (SEEK_DATA: no data at or after offset; SEEK_HOLE: offset at or past EOF).
+ *     Any other failure throws an Error whose `code` is the errno name (EINVAL, ESPIPE, ...).
+ *   SEEK_DATA, SEEK_HOLE: the platform's values; both absent (and no `seek`) where the
+ *     platform has no such whence values, so JS can tell "unsupported" from "broken".
+ *
+ * Note: lseek moves the descriptor's file position. qcowkit does only positional I/O
+ * (pread/pwrite), so that is harmless there.
+ */
+#include <node_api.h>
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/types.h>
+#ifndef _WIN32
+#include <unistd.h>
+#endif
+
+#define CHECK(call)                                                    \
+  do {                                                                 \
+    if ((call) != napi_ok) {                                           \
+      napi_throw_error(env, NULL, "qcowkit_sparse: " #call " failed"); \
+      return NULL;                                                     \
+    }                                                                  \
+  } while (0)
+
+#if defined(SEEK_DATA) && defined(SEEK_HOLE) && !defined(_WIN32)
+
+static const char *errno_code(int e) {
+  switch (e) {
+    case EBADF: return "EBADF";
+    case EINVAL: return "EINVAL";
+    case ENXIO: return "ENXIO";
+    case EOVERFLOW: return "EOVERFLOW";
+    case ESPIPE: return "ESPIPE";
+    case EIO: return "EIO";
+#ifdef ENOTSUP
+    case ENOTSUP: return "ENOTSUP";
+#endif
+#if defined(EOPNOTSUPP) && (!defined(ENOTSUP) || EOPNOTSUPP != ENOTSUP)
+    case EOPNOTSUPP: return "EOPNOTSUPP";
+#endif
+#ifdef ENOSYS
+    case ENOSYS: return "ENOSYS";
+#endif
+    default: return "EUNKNOWN";
+  }
+}
+
+static napi_value seek(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc != 3) {
+    napi_throw_type_error(env, NULL, "seek(fd, offset, whence) takes 3 arguments");
+    return NULL;
+  }
+  int32_t fd, whence;
+  int64_t offset;
+  if (napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_get_value_int64(env, argv[1], &offset) != napi_ok ||
+      napi_get_value_int32(env, argv[2], &whence) != napi_ok) {
+    napi_throw_type_error(env, NULL, "seek(fd, offset, whence): numbers expected");
+    return NULL;
+  }
+  if (fd < 0 || offset < 0) {
+    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "seek: fd and offset must be >= 0");
+    return NULL;
+  }
+  if (whence != SEEK_DATA && whence != SEEK_HOLE) {
+    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "seek: whence must be SEEK_DATA or SEEK_HOLE");
+    return NULL;
+  }
+  if ((int64_t)(off_t)offset != offset) {
+    napi_throw_range_error(env, "EOVERFLOW", "seek: offset does not fit in off_t");
+    return NULL;
+  }
+
+  off_t r = lseek(fd, (off_t)offset, whence);
+  napi_value result;
+  if (r < 0) {
+    int e = errno;
+    if (e == ENXIO) {
+      CHECK(napi_create_int64(env, -1, &result));
+      return result;
+    }
+    char msg[160];
+    snprintf(msg, sizeof msg, "lseek(%d, %lld, %s): %s", (int)fd, (long long)offset,
+             whence == SEEK_DATA ? "SEEK_DATA" : "SEEK_HOLE", strerror(e));
+    napi_throw_error(env, errno_code(e), msg);
+    return NULL;
+  }
+  CHECK(napi_create_int64(env, (int64_t)r, &result));
+  return result;
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_value fn, v;
+  CHECK(napi_create_function(env, "seek", NAPI_AUTO_LENGTH, seek, NULL, &fn));
+  CHECK(napi_set_named_property(env, exports, "seek", fn));
+  CHECK(napi_create_int32(env, SEEK_DATA, &v));
+  CHECK(napi_set_named_property(env, exports, "SEEK_DATA", v));
+  CHECK(napi_create_int32(env, SEEK_HOLE, &v));
+  CHECK(napi_set_named_property(env, exports, "SEEK_HOLE", v));
+  return exports;
+}
+
+#else /* no SEEK_DATA/SEEK_HOLE on this platform: export nothing */
+
+static napi_value init(napi_env env, napi_value exports) {
+  (void)env;
+  return exports;
+}
+
+#endif
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

@@ -1,0 +1,124 @@
+/**
+ * SEEK_DATA / SEEK_HOLE for files. Node has no lseek; a tiny native addon provides it when built.
+ * Returns undefined where the platform cannot tell (callers fall back to zero detection).
+ *
+ * The addon lives in `native/` and is built by `npm run build:native` (part of `npm run build`,
+ * so `npm ci` builds it through `prepare`). If it failed to build, or this platform has no
+ * SEEK_DATA, everything here quietly answers undefined.
+ */
+import { createRequire } from 'node:module';
+
+interface SparseAddon {
+  /** lseek(fd, offset, whence); -1 on ENXIO, throws (with `code`) on any other error. */
+  seek(fd: number, offset: number, whence: number): number;
+  SEEK_DATA: number;
+  SEEK_HOLE: number;
+}
+
+/** Most runs one call returns; past that the rest of the range is reported as one data run. */
+export const MAX_RUNS = 1024;
+
+/** errno codes meaning "this file/file system cannot answer", not "something is wrong". */
+const UNSUPPORTED = new Set(['EINVAL', 'ENOTSUP', 'EOPNOTSUPP', 'ENOSYS', 'ESPIPE']);
+
+let addon: SparseAddon | null | undefined;
+
+function loadAddon(): SparseAddon | null {
+  if (addon !== undefined) return addon;
+  addon = null;
+  try {
+    // Compiled to dist/io/sparse.js; the addon is at <package>/native/build/Release/.
+    const require = createRequire(import.meta.url);
+    const mod = require('../../native/build/Release/qcowkit_sparse.node') as Partial<SparseAddon>;
+    if (typeof mod.seek === 'function' && typeof mod.SEEK_DATA === 'number' && typeof mod.SEEK_HOLE === 'number') {
+      addon = mod as SparseAddon;
+    }
+  } catch {
+    // not built, or built for another platform: no sparse support
+  }
+  return addon;
+}
+
+/** Whether the native SEEK_DATA/SEEK_HOLE addon is loaded (the file system may still not support it). */
+export function sparseSupported(): boolean {
+  return loadAddon() !== null;
+}
+
+/**
+ * The allocation of `[offset, offset + length)` in the file open as `fd`: consecutive runs, in
+ * order, of data (`data: true`) and holes (`data: false`), covering exactly that range. Bytes past
+ * end of file count as a hole. Adjacent runs never have the same kind.
+ *
+ * At most {@link MAX_RUNS} runs are returned: if the range has more, the last run is a data run
+ * covering the rest of the range (data is always a safe answer: it just means "read it").
+ *
+ * Undefined when the addon is not available or the file/file system cannot tell (lseek fails
+ * with EINVAL, ENOTSUP, ESPIPE, ...). Other errors (EBADF, EIO) are thrown.
+ *
+ * File systems without real hole support typically answer "all data up to EOF", which is correct
+ * but tells nothing. The descriptor's file position is moved; qcowkit only does positional I/O.
+ */
+export async function sparseRuns(
+  fd: number,
+  offset: number,
+  length: number,
+): Promise<Array<{ offset: number; length: number; data: boolean }> | undefined> {
+  if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0 ||
+      !Number.isSafeInteger(offset + length)) {
+    throw new RangeError(`sparseRuns: bad range offset=${offset} length=${length}`);
+  }
+  const a = loadAddon();
+  if (!a) return undefined;
+  const runs: Array<{ offset: number; length: number; data: boolean }> = [];
+  if (length === 0) return runs;
+  const end = offset + length;
+
+  const push = (start: number, stop: number, data: boolean) => {
+    const last = runs[runs.length - 1];
+    if (last && last.data === data) last.length += stop - start;
+    else runs.push({ offset: start, length: stop - start, data });
+  };
+
+  try {
+    let pos = offset;
+    while (pos < end) {
+      // Out of room: the rest is declared data (keeps us at MAX_RUNS: merges if the last run is data).
+      if (runs.length >= MAX_RUNS - 1) {
+        push(pos, end, true);
+        break;
+      }
+      const d = a.seek(fd, pos, a.SEEK_DATA);
+      if (d < 0) {
+        // ENXIO: no data at or after pos (includes pos >= EOF).
+        push(pos, end, false);
+        break;
+      }
+      if (d < pos) {
+        // Not meant to happen; don't trust the answer.
+        push(pos, end, true);
+        break;
+      }
+      if (d > pos) {
+        const stop = Math.min(d, end);
+        push(pos, stop, false);
+        pos = stop;
+        continue;
+      }
+      // pos is in data: find where it ends.
+      const h = a.seek(fd, pos, a.SEEK_HOLE);
+      if (h <= pos) {
+        // ENXIO (file shrank under us) or no progress: report data, which is always safe.
+        push(pos, end, true);
+        break;
+      }
+      const stop = Math.min(h, end);
+      push(pos, stop, true);
+      pos = stop;
+    }
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code && UNSUPPORTED.has(code)) return undefined;
+    throw e;
+  }
+  return runs;
+}

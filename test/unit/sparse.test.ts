@@ -1,0 +1,175 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { MAX_RUNS, sparseRuns, sparseSupported } from '../../src/io/sparse.js';
+
+type Run = { offset: number; length: number; data: boolean };
+
+const K = 1024;
+const M = 1024 * K;
+
+let dir: string;
+
+beforeAll(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qcowkit-sparse-'));
+});
+afterAll(() => {
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+/** Runs must tile [offset, offset+length) exactly, in order, alternating kinds. */
+function checkTiling(runs: Run[], offset: number, length: number) {
+  let pos = offset;
+  for (let i = 0; i < runs.length; i++) {
+    const r = runs[i]!;
+    expect(r.offset).toBe(pos);
+    expect(r.length).toBeGreaterThan(0);
+    if (i > 0) expect(r.data).not.toBe(runs[i - 1]!.data);
+    pos += r.length;
+  }
+  expect(pos).toBe(offset + length);
+}
+
+function kindAt(runs: Run[], off: number): boolean | undefined {
+  return runs.find((r) => off >= r.offset && off < r.offset + r.length)?.data;
+}
+
+/** 4 MiB file: data at [0, 4k) and [1M, 1M+64k), holes elsewhere. */
+function makeSparse(name: string): string {
+  const file = path.join(dir, name);
+  const fd = fs.openSync(file, 'w+');
+  try {
+    fs.writeSync(fd, Buffer.alloc(4 * K, 0xaa), 0, 4 * K, 0);
+    fs.writeSync(fd, Buffer.alloc(64 * K, 0xbb), 0, 64 * K, 1 * M);
+    fs.ftruncateSync(fd, 4 * M);
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  return file;
+}
+
+/** Whether the file system really left holes in the file (otherwise only "all data" can come back). */
+function hasHoles(file: string): boolean {
+  const st = fs.statSync(file);
+  return st.blocks * 512 < st.size;
+}
+
+async function withFd<T>(file: string, f: (fd: number) => Promise<T>): Promise<T> {
+  const fd = fs.openSync(file, 'r');
+  try {
+    return await f(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+describe('sparseRuns', () => {
+  it('reports data and holes of a sparse file', async () => {
+    const file = makeSparse('a.img');
+    const runs = await withFd(file, (fd) => sparseRuns(fd, 0, 4 * M));
+    if (runs === undefined) {
+      console.warn(
+        `sparseRuns: no SEEK_DATA/SEEK_HOLE here (addon ${sparseSupported() ? 'loaded' : 'not built'}); skipping checks`,
+      );
+      return;
+    }
+    checkTiling(runs, 0, 4 * M);
+    if (!hasHoles(file)) {
+      // No hole support in this file system: whatever it says, the written bytes must be data.
+      expect(kindAt(runs, 0)).toBe(true);
+      expect(kindAt(runs, M)).toBe(true);
+      return;
+    }
+    // Allocation granularity is the file system block (4k on ext4, could be larger elsewhere).
+    expect(kindAt(runs, 0)).toBe(true);
+    expect(kindAt(runs, 4 * K - 1)).toBe(true);
+    expect(kindAt(runs, M)).toBe(true);
+    expect(kindAt(runs, M + 64 * K - 1)).toBe(true);
+    expect(kindAt(runs, 512 * K)).toBe(false);
+    expect(kindAt(runs, 3 * M)).toBe(false);
+    expect(kindAt(runs, 4 * M - 1)).toBe(false);
+    expect(runs.length).toBe(4);
+    if (fs.statSync(file).blksize === 4096) {
+      expect(runs).toEqual([
+        { offset: 0, length: 4 * K, data: true },
+        { offset: 4 * K, length: M - 4 * K, data: false },
+        { offset: M, length: 64 * K, data: true },
+        { offset: M + 64 * K, length: 3 * M - 64 * K, data: false },
+      ]);
+    }
+  });
+
+  it('clips runs to a sub-range and counts bytes past EOF as a hole', async () => {
+    const file = makeSparse('b.img');
+    await withFd(file, async (fd) => {
+      // Starts inside the first hole, ends inside the data at 1M.
+      const a = await sparseRuns(fd, 8 * K, M + 16 * K - 8 * K);
+      if (a === undefined) return;
+      checkTiling(a, 8 * K, M + 8 * K);
+      expect(kindAt(a, M + 8 * K)).toBe(true);
+      if (hasHoles(file)) expect(a[0]!.data).toBe(false);
+
+      // Starts inside data.
+      const b = await sparseRuns(fd, M + 4 * K, 8 * K);
+      expect(b).toEqual([{ offset: M + 4 * K, length: 8 * K, data: true }]);
+
+      // Crosses EOF (4M) and lies entirely past it.
+      const c = (await sparseRuns(fd, 3 * M, 2 * M))!;
+      checkTiling(c, 3 * M, 2 * M);
+      expect(c[c.length - 1]).toMatchObject({ data: false });
+      expect(kindAt(c, 5 * M - 1)).toBe(false);
+      expect(await sparseRuns(fd, 8 * M, 4 * K)).toEqual([{ offset: 8 * M, length: 4 * K, data: false }]);
+
+      expect(await sparseRuns(fd, 0, 0)).toEqual([]);
+    });
+  });
+
+  it('an empty file is all hole', async () => {
+    const file = path.join(dir, 'empty.img');
+    fs.writeFileSync(file, '');
+    const runs = await withFd(file, (fd) => sparseRuns(fd, 0, 64 * K));
+    if (runs === undefined) return;
+    expect(runs).toEqual([{ offset: 0, length: 64 * K, data: false }]);
+  });
+
+  it(`caps the result at ${MAX_RUNS} runs, the rest reported as data`, async () => {
+    const file = path.join(dir, 'many.img');
+    const chunks = 600; // 4k data every 8k: 1200 runs
+    const fd = fs.openSync(file, 'w+');
+    try {
+      const buf = Buffer.alloc(4 * K, 0xcc);
+      for (let i = 0; i < chunks; i++) fs.writeSync(fd, buf, 0, buf.length, i * 8 * K);
+      fs.ftruncateSync(fd, chunks * 8 * K);
+      fs.fsyncSync(fd);
+      const size = chunks * 8 * K;
+      const runs = await sparseRuns(fd, 0, size);
+      if (runs === undefined) return;
+      checkTiling(runs, 0, size);
+      expect(runs.length).toBeLessThanOrEqual(MAX_RUNS);
+      if (hasHoles(file) && fs.statSync(file).blksize === 4096) {
+        // Exact up to the cap (1023 or 1024 runs, depending on whether the last exact run is data,
+        // which the catch-all data run then extends).
+        expect(runs.length).toBeGreaterThanOrEqual(MAX_RUNS - 1);
+        const n = runs.length - 1;
+        for (let i = 0; i < n; i++) expect(runs[i]).toEqual({ offset: i * 4 * K, length: 4 * K, data: i % 2 === 0 });
+        expect(runs[n]).toEqual({ offset: n * 4 * K, length: size - n * 4 * K, data: true });
+      }
+      // The rest comes back fine when asked from where the capped answer stopped being exact.
+      const last = runs[runs.length - 1]!;
+      const rest = (await sparseRuns(fd, last.offset, last.offset + last.length - last.offset))!;
+      checkTiling(rest, last.offset, last.length);
+    } finally {
+      fs.closeSync(fd);
+    }
+  });
+
+  it('throws for a bad descriptor and for a bad range', async () => {
+    await expect(sparseRuns(0, -1, 10)).rejects.toThrow(RangeError);
+    await expect(sparseRuns(0, 0, 1.5)).rejects.toThrow(RangeError);
+    if (!sparseSupported()) return;
+    // A descriptor number that is surely not open.
+    await expect(sparseRuns(2 ** 30, 0, 4096)).rejects.toMatchObject({ code: 'EBADF' });
+  });
+});
