@@ -11,6 +11,7 @@ import { decodeExtensions, decodeHeader, validateHeader, type Qcow2Header } from
 import { L2Cache } from './l2-cache.js';
 import { ClusterMap, corruption, geometry, type Geometry, type Mapping } from './cluster-map.js';
 import { readSnapshotTable, type SnapshotEntry } from './snapshot-table.js';
+import { Qcow2Writer } from './writer.js';
 
 export interface Qcow2OpenOptions extends OpenOptions {
   readOnly: boolean;
@@ -145,6 +146,28 @@ export class Qcow2Driver implements BlockDriver {
     });
     drv.dataFileMissing = hasDataFile && !dataFileOpened;
     try {
+      if (!drv.readOnly) {
+        if (header.incompatibleFeatures & C.INCOMPAT_DIRTY) {
+          throw new QcowError('ENOTSUP', `Image '${io.name}' is dirty (not cleanly closed); repair it with 'qcowkit check -r all' before writing`);
+        }
+        drv.writer = await Qcow2Writer.create({
+          io,
+          dataIO,
+          header,
+          g,
+          map: drv.map,
+          l2cache: drv.l2cache,
+          get hasBacking() {
+            return header.backingFile !== undefined;
+          },
+          readGuest: async (buf, off) => {
+            // Copy-on-write may cover the tail of the last cluster, past the virtual size.
+            const n = Math.max(0, Math.min(buf.length, drv.size - off));
+            if (n) await drv.readInto(buf.subarray(0, n), off);
+            buf.fill(0, n);
+          },
+        });
+      }
       if (header.backingFile !== undefined && !opts.noBacking) {
         const name = opts.provider.resolve(io.name, header.backingFile);
         try {
@@ -317,18 +340,35 @@ export class Qcow2Driver implements BlockDriver {
     return out;
   }
 
-  async write(): Promise<void> {
-    throw new QcowError('ENOTSUP', 'Writing qcow2 images is not supported yet');
+  writer?: Qcow2Writer;
+
+  private writable(offset: number, length: number): Qcow2Writer {
+    this.checkRange(offset, length);
+    if (!this.writer) throw new QcowError('EPERM', `Image '${this.filename}' is opened read-only`);
+    this.checkDataAccess();
+    return this.writer;
   }
-  async writeZeroes(): Promise<void> {
-    throw new QcowError('ENOTSUP', 'Writing qcow2 images is not supported yet');
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    if (data.length) await this.writable(offset, data.length).write(offset, data);
   }
-  async discard(): Promise<void> {
-    throw new QcowError('ENOTSUP', 'Writing qcow2 images is not supported yet');
+  async writeZeroes(offset: number, length: number, opts?: { mayUnmap?: boolean }): Promise<void> {
+    if (length) await this.writable(offset, length).writeZeroes(offset, length, opts?.mayUnmap ?? false);
   }
-  async flush(): Promise<void> {}
+  async discard(offset: number, length: number): Promise<void> {
+    if (length) await this.writable(offset, length).discard(offset, length);
+  }
+  /** Store a compressed cluster (data already compressed with the image's compression type). */
+  async writeCompressed(offset: number, compressed: Uint8Array): Promise<void> {
+    if (offset % this.g.clusterSize) throw new QcowError('EINVAL', 'Compressed writes must be cluster aligned');
+    await this.writable(offset, Math.min(this.g.clusterSize, this.size - offset)).writeCompressed(offset, compressed);
+  }
+  async flush(): Promise<void> {
+    if (this.writer) await this.writer.flush();
+  }
 
   async close(): Promise<void> {
+    if (this.writer) await this.writer.close();
     if (this.backing) await this.backing.close();
     if (this.dataIO !== this.io) await this.dataIO.close();
     await this.io.close();

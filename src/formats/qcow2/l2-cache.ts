@@ -12,6 +12,8 @@ export class L2Cache {
   private readonly maxSlices: number;
   private slices = new Map<number, Uint8Array>();
   private loading = new Map<number, Promise<Uint8Array>>();
+  /** Slices changed in memory and not yet written (never evicted). */
+  readonly dirty = new Set<number>();
 
   constructor(
     private load: SliceLoader,
@@ -53,15 +55,34 @@ export class L2Cache {
   insert(sliceOffset: number, data: Uint8Array): void {
     this.slices.delete(sliceOffset);
     this.slices.set(sliceOffset, data);
-    while (this.slices.size > this.maxSlices) {
-      const oldest = this.slices.keys().next().value as number;
-      this.slices.delete(oldest);
+    if (this.slices.size <= this.maxSlices) return;
+    for (const k of this.slices.keys()) {
+      if (this.slices.size <= this.maxSlices) break;
+      if (!this.dirty.has(k)) this.slices.delete(k);
     }
+  }
+
+  /** Mark a cached slice as changed. */
+  markDirty(sliceOffset: number): void {
+    this.dirty.add(sliceOffset);
+  }
+
+  /** The cached content of a slice (must be present). */
+  peek(sliceOffset: number): Uint8Array | undefined {
+    return this.slices.get(sliceOffset);
+  }
+
+  /** True when dirty slices take more than half the cache (time to write them out). */
+  get pressure(): boolean {
+    return this.dirty.size * 2 > this.maxSlices;
   }
 
   /** Forget every slice of the table at `tableOffset` (table freed or moved). */
   dropTable(tableOffset: number, clusterSize: number): void {
-    for (let o = tableOffset; o < tableOffset + clusterSize; o += this.sliceBytes) this.slices.delete(o);
+    for (let o = tableOffset; o < tableOffset + clusterSize; o += this.sliceBytes) {
+      this.slices.delete(o);
+      this.dirty.delete(o);
+    }
   }
 
   clear(): void {
