@@ -367,6 +367,20 @@ export class Qcow2Driver implements BlockDriver {
     if (this.writer) await this.writer.flush();
   }
 
+  /** Change the virtual size (qemu-img resize). Shrinking deletes the data past the new end. */
+  async resize(newSize: number): Promise<void> {
+    if (!this.writer) throw new QcowError('EPERM', `Image '${this.filename}' is opened read-only`);
+    if (!Number.isSafeInteger(newSize) || newSize < 0) throw new QcowError('EINVAL', 'Invalid image size');
+    if (newSize < this.size && this.snapshots.length) {
+      throw new QcowError('ENOTSUP', "Can't shrink an image which has snapshots");
+    }
+    if (this.g.dataFile && newSize > this.size && this.dataIO !== this.io && this.header.autoclearFeatures & C.AUTOCLEAR_DATA_FILE_RAW) {
+      if ((await this.dataIO.size()) < newSize) await this.dataIO.truncate(newSize);
+    }
+    await this.writer.resize(newSize);
+    this.size = newSize;
+  }
+
   async close(): Promise<void> {
     if (this.writer) await this.writer.close();
     if (this.backing) await this.backing.close();

@@ -620,8 +620,77 @@ export class Qcow2Writer {
     });
   }
 
-  /** Record an L1 entry change made by resize (L1 relocation writes its own table). */
-  markL1Dirty(i: number): void {
-    this.l1Dirty.add(i);
+  /**
+   * Change the virtual size. Growing may move the L1 table to a larger one (written and made
+   * durable before the header points to it); shrinking drops every cluster past the new end.
+   * Returns the new L1 bytes when the table moved.
+   */
+  async resize(newSize: number): Promise<Uint8Array | undefined> {
+    return this.exclusive(async () => {
+      await this.start();
+      const { g, header } = this.h;
+      const cs = this.cs;
+      const needed = Math.ceil(newSize / g.l1Coverage);
+      let newL1: Uint8Array | undefined;
+      if (newSize < header.size) {
+        // Drop clusters past the end: whole L2 tables beyond the new end, and entries in the last one.
+        const firstGone = Math.ceil(newSize / cs);
+        const lastCluster = Math.ceil(header.size / cs);
+        for (let c = firstGone; c < lastCluster; ) {
+          const l1i = Math.floor((c * cs) / g.l1Coverage);
+          const { hi, lo } = this.l1Entry(l1i);
+          const l2 = entryOffset(hi, lo);
+          const tableFirst = (l1i * g.l1Coverage) / cs;
+          const tableEnd = tableFirst + g.l2Entries;
+          if (l2 && c === tableFirst) {
+            // Whole table goes: release every cluster it references, then the table.
+            for (let k = 0; k < g.l2Entries; k++) this.releaseOld(await this.getEntry(l2, k));
+            this.setL1Entry(l1i, 0, false);
+            this.h.l2cache.dropTable(l2, cs);
+            this.refcounts.free(l2 / cs);
+          } else if (l2) {
+            const w = await this.writableL2(l1i);
+            for (let k = c - tableFirst; k < g.l2Entries; k++) {
+              const e = await this.getEntry(w, k);
+              if (e.hi || e.lo || e.bhi || e.blo) {
+                await this.setEntry(w, k, { hi: 0, lo: 0, bhi: 0, blo: 0 });
+                this.releaseOld(e);
+              }
+            }
+          }
+          c = tableEnd;
+        }
+        await this.flushMetadata();
+      } else if (needed > header.l1Size) {
+        await this.flushMetadata();
+        const bytes = needed * 8;
+        const clusters = Math.ceil(bytes / cs);
+        const at = await this.refcounts.allocate(clusters);
+        newL1 = new Uint8Array(bytes);
+        newL1.set(this.h.map.l1);
+        await this.refcounts.writeBlocks();
+        await this.h.io.write(newL1, at);
+        await this.barrier();
+        await this.refcounts.writeTableEntries();
+        const b = new Uint8Array(12);
+        const dv = new DataView(b.buffer);
+        dv.setUint32(0, needed);
+        dv.setBigUint64(4, BigInt(at));
+        const oldOffset = header.l1TableOffset;
+        const oldClusters = Math.ceil((header.l1Size * 8) / cs);
+        await this.h.io.write(b, 36);
+        await this.barrier();
+        header.l1Size = needed;
+        header.l1TableOffset = at;
+        this.h.map.l1 = newL1;
+        if (oldClusters) this.refcounts.free(oldOffset / cs, oldClusters);
+      }
+      const b = new Uint8Array(8);
+      new DataView(b.buffer).setBigUint64(0, BigInt(newSize));
+      await this.h.io.write(b, 24);
+      header.size = newSize;
+      await this.flushMetadata();
+      return newL1;
+    });
   }
 }
