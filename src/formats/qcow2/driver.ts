@@ -12,6 +12,7 @@ import { L2Cache } from './l2-cache.js';
 import { ClusterMap, corruption, geometry, type Geometry, type Mapping } from './cluster-map.js';
 import { readSnapshotTable, type SnapshotEntry } from './snapshot-table.js';
 import { Qcow2Writer } from './writer.js';
+import { Refcounts } from './refcount.js';
 
 export interface Qcow2OpenOptions extends OpenOptions {
   readOnly: boolean;
@@ -301,7 +302,9 @@ export class Qcow2Driver implements BlockDriver {
       const plainHost = !encrypted && m.hostOffset !== undefined ? { hostOffset: m.hostOffset, file } : {};
       switch (m.type) {
         case 'normal':
-          push(out, { offset: pos, length: m.bytes, kind: 'data', depth: 0, ...plainHost });
+          if (!encrypted && (await this.detectMetadataPreallocation())) {
+            for (const e of await this.splitByHostHoles(pos, m.bytes, m.hostOffset!)) push(out, e);
+          } else push(out, { offset: pos, length: m.bytes, kind: 'data', depth: 0, ...plainHost });
           break;
         case 'compressed':
           push(out, { offset: pos, length: m.bytes, kind: 'data', depth: 0 });
@@ -322,6 +325,55 @@ export class Qcow2Driver implements BlockDriver {
       pos += m.bytes;
     }
     return out;
+  }
+
+  private metadataPrealloc?: Promise<boolean>;
+
+  /**
+   * Like QEMU: when far more clusters are refcounted than the file really stores, the image was
+   * preallocated with metadata only, and data extents are checked against the file's holes
+   * (which then read as zeros).
+   */
+  private detectMetadataPreallocation(): Promise<boolean> {
+    if (!this.metadataPrealloc) {
+      this.metadataPrealloc = (async () => {
+        const io = this.io;
+        if (!io.allocatedSize || !this.dataIO.dataRuns) return false;
+        const cs = this.g.clusterSize;
+        const fileLength = await io.size();
+        const realClusters = Math.floor((await io.allocatedSize()) / cs);
+        const threshold = Math.max(Math.floor((realClusters * 10) / 9), Math.floor(fileLength / 4 / cs));
+        const endCluster = Math.ceil(fileLength / cs);
+        const rc = await Refcounts.load({
+          io,
+          clusterBits: this.header.clusterBits,
+          refcountOrder: this.header.refcountOrder,
+          reftableOffset: this.header.refcountTableOffset,
+          reftableClusters: this.header.refcountTableClusters,
+          onReftableMoved: async () => {},
+        });
+        let count = 0;
+        for (let i = 0; i < endCluster && count < threshold; i++) if ((await rc.get(i)) > 0) count++;
+        return count >= threshold;
+      })().catch(() => false);
+    }
+    return this.metadataPrealloc;
+  }
+
+  /** Split a plain data run by the holes of the file holding it (holes and past-EOF read as zeros). */
+  private async splitByHostHoles(offset: number, length: number, host: number): Promise<Extent[]> {
+    const file = this.dataIO.name;
+    const runs = await this.dataIO.dataRuns!(host, length);
+    if (!runs) return [{ offset, length, kind: 'data', depth: 0, hostOffset: host, file }];
+    return runs.map((r) => ({
+      offset: offset + (r.offset - host),
+      length: r.length,
+      kind: 'data' as const,
+      depth: 0,
+      hostOffset: r.offset,
+      file,
+      ...(r.data ? {} : { zeroData: true }),
+    }));
   }
 
   /** Status of a range this image does not allocate: from the backing chain, or unallocated here. */
