@@ -224,14 +224,51 @@ export class Qcow2Driver implements BlockDriver {
     this.checkRange(offset, buf.length);
     this.checkDataAccess();
     const pending: Promise<void>[] = [];
+    const compressed: Array<{ m: Mapping; sub: Uint8Array; guest: number }> = [];
     let pos = 0;
     while (pos < buf.length) {
       const m = await this.map.lookup(offset + pos, buf.length - pos);
       const sub = buf.subarray(pos, pos + m.bytes);
-      pending.push(this.readMapped(m, sub, offset + pos));
+      if (m.type === 'compressed') compressed.push({ m, sub, guest: offset + pos });
+      else pending.push(this.readMapped(m, sub, offset + pos));
       pos += m.bytes;
     }
+    if (compressed.length) pending.push(this.readCompressedBatch(compressed));
     await Promise.all(pending);
+  }
+
+  /**
+   * Compressed clusters written together lie together in the file: read neighbouring ones with one
+   * request, then inflate each.
+   */
+  private async readCompressedBatch(items: Array<{ m: Mapping; sub: Uint8Array; guest: number }>): Promise<void> {
+    const sorted = [...items].sort((a, b) => a.m.compressed!.offset - b.m.compressed!.offset);
+    const MAX_GROUP = 4 << 20;
+    const GAP = 64 << 10;
+    for (let i = 0; i < sorted.length; ) {
+      const start = sorted[i]!.m.compressed!.offset;
+      let end = start + sorted[i]!.m.compressed!.length;
+      let j = i + 1;
+      while (j < sorted.length) {
+        const c = sorted[j]!.m.compressed!;
+        if (c.offset > end + GAP || c.offset + c.length - start > MAX_GROUP) break;
+        end = Math.max(end, c.offset + c.length);
+        j++;
+      }
+      if (start >= this.fileSize) this.fileSize = await this.io.size();
+      if (start >= this.fileSize) throw corruption(`compressed cluster at offset 0x${start.toString(16)} is past the end of the file`);
+      const chunk = new Uint8Array(Math.min(end, this.fileSize) - start);
+      await readInto(this.io, chunk, start);
+      for (let k = i; k < j; k++) {
+        const { m, sub, guest } = sorted[k]!;
+        const c = m.compressed!;
+        const input = chunk.subarray(c.offset - start, Math.min(c.offset - start + c.length, chunk.length));
+        const cluster = await this.decompress(input, c.offset);
+        const inCluster = guest % this.g.clusterSize;
+        sub.set(cluster.subarray(inCluster, inCluster + sub.length));
+      }
+      i = j;
+    }
   }
 
   private async readMapped(m: Mapping, sub: Uint8Array, guestOffset: number): Promise<void> {
@@ -247,12 +284,9 @@ export class Qcow2Driver implements BlockDriver {
       case 'unallocated-alloc':
         await this.readBacking(sub, guestOffset);
         return;
-      case 'compressed': {
-        const cluster = await this.readCompressedCluster(m.compressed!.offset, m.compressed!.length);
-        const inCluster = guestOffset % this.g.clusterSize;
-        sub.set(cluster.subarray(inCluster, inCluster + sub.length));
+      case 'compressed':
+        await this.readCompressedBatch([{ m, sub, guest: guestOffset }]);
         return;
-      }
       case 'invalid':
         throw corruption(m.problem ?? 'invalid cluster entry');
     }
@@ -269,16 +303,7 @@ export class Qcow2Driver implements BlockDriver {
     if (n < sub.length) sub.fill(0, n);
   }
 
-  protected async readCompressedCluster(coffset: number, clen: number): Promise<Uint8Array> {
-    if (coffset >= this.fileSize) {
-      this.fileSize = await this.io.size();
-      if (coffset >= this.fileSize) {
-        throw corruption(`compressed cluster at offset 0x${coffset.toString(16)} is past the end of the file`);
-      }
-    }
-    const len = Math.min(clen, this.fileSize - coffset);
-    const input = new Uint8Array(len);
-    await readInto(this.io, input, coffset);
+  protected async decompress(input: Uint8Array, coffset: number): Promise<Uint8Array> {
     const cs = this.g.clusterSize;
     try {
       return this.header.compressionType === C.COMPRESSION_ZSTD
