@@ -193,7 +193,8 @@ export function decodeExtensions(h: Qcow2Header, cluster0: Uint8Array): void {
     const maxLen = Math.min(C.MAX_BACKING_FILE_NAME, clusterSize - h.backingFileOffset);
     if (h.backingFileSize > maxLen) throw badImage('Backing file name too long');
     if (h.backingFileOffset + h.backingFileSize > cluster0.length) throw badImage('Backing file name is past the end of the file');
-    h.backingFile = dec.decode(cluster0.subarray(h.backingFileOffset, h.backingFileOffset + h.backingFileSize));
+    // An empty name means no backing file (as QEMU reads it).
+    if (h.backingFileSize > 0) h.backingFile = dec.decode(cluster0.subarray(h.backingFileOffset, h.backingFileOffset + h.backingFileSize));
   }
 }
 
