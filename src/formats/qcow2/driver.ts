@@ -116,8 +116,9 @@ export class Qcow2Driver implements BlockDriver {
       }
       l1Offset = activeSnapshot.l1TableOffset;
       l1Size = activeSnapshot.l1Size;
-      size = activeSnapshot.diskSize ?? header.size;
-      if (Math.ceil(size / g.l1Coverage) > l1Size) size = l1Size * g.l1Coverage;
+      // Like QEMU's temporary snapshot load, the virtual size stays the image's current size;
+      // ranges past the snapshot's L1 table read as unallocated.
+      size = header.size;
     }
     const l1 = await readChecked(io, l1Offset, l1Size * 8);
 
@@ -442,6 +443,65 @@ export class Qcow2Driver implements BlockDriver {
   }
   async flush(): Promise<void> {
     if (this.writer) await this.writer.flush();
+  }
+
+  /** The active L1 table bytes (big-endian entries). */
+  get activeL1(): Uint8Array {
+    return this.map.l1;
+  }
+
+  /** Read metadata that must lie inside the file (for structure walkers such as snapshots). */
+  readMetadata(offset: number, length: number, what: string): Promise<Uint8Array> {
+    return this.loadMetadata(offset, length, what);
+  }
+
+  /** Write raw bytes into the image file (metadata writers only). */
+  async rawWrite(data: Uint8Array, offset: number): Promise<void> {
+    await this.io.write(data, offset);
+    if (offset + data.length > this.fileSize) this.fileSize = offset + data.length;
+  }
+
+  /**
+   * Replace the active L1 table's content (snapshot apply) and the virtual size. A larger table is
+   * written to new clusters before the header points to it. Entries are written durably before
+   * returning. COPIED flags are the caller's to recompute.
+   */
+  async replaceActiveL1(entries: Uint8Array, newSize: number): Promise<void> {
+    const w = this.writer!;
+    const h = this.header;
+    const cs = this.g.clusterSize;
+    const needed = Math.max(entries.length / 8, Math.ceil(newSize / this.g.l1Coverage));
+    if (needed > h.l1Size) {
+      const l1 = new Uint8Array(needed * 8);
+      l1.set(entries);
+      const at = await w.refcounts.allocate(Math.ceil(l1.length / cs));
+      await w.refcounts.writeBlocks();
+      await this.rawWrite(l1, at);
+      await w.barrier();
+      await w.refcounts.writeTableEntries();
+      const b = new Uint8Array(12);
+      const dv = new DataView(b.buffer);
+      dv.setUint32(0, needed);
+      dv.setBigUint64(4, BigInt(at));
+      await this.rawWrite(b, 36);
+      await w.barrier();
+      if (h.l1Size) w.refcounts.free(h.l1TableOffset / cs, Math.ceil((h.l1Size * 8) / cs));
+      h.l1Size = needed;
+      h.l1TableOffset = at;
+      this.map.l1 = l1;
+    } else {
+      const l1 = new Uint8Array(h.l1Size * 8);
+      l1.set(entries);
+      await this.rawWrite(l1, h.l1TableOffset);
+      await w.barrier();
+      this.map.l1 = l1;
+    }
+    const b = new Uint8Array(8);
+    new DataView(b.buffer).setBigUint64(0, BigInt(newSize));
+    await this.rawWrite(b, 24);
+    await w.barrier();
+    h.size = newSize;
+    this.size = newSize;
   }
 
   /** Change the virtual size (qemu-img resize). Shrinking deletes the data past the new end. */

@@ -35,7 +35,7 @@ export interface WriterHost {
   readGuest(buf: Uint8Array, offset: number): Promise<void>;
 }
 
-interface Entry {
+export interface Entry {
   hi: number;
   lo: number;
   bhi: number; // bitmap high word (zero bits)
@@ -96,7 +96,7 @@ export class Qcow2Writer {
   }
 
   /** First write: clear autoclear bits we do not maintain, mark the image dirty under lazy refcounts. */
-  private async start(): Promise<void> {
+  async start(): Promise<void> {
     if (this.started) return;
     this.started = true;
     const hdr = this.h.header;
@@ -125,12 +125,12 @@ export class Qcow2Writer {
 
   // ---- L1 / L2 access -------------------------------------------------------------------
 
-  private l1Entry(i: number): { hi: number; lo: number } {
+  l1Entry(i: number): { hi: number; lo: number } {
     const dv = new DataView(this.h.map.l1.buffer, this.h.map.l1.byteOffset + i * 8, 8);
     return { hi: dv.getUint32(0), lo: dv.getUint32(4) };
   }
 
-  private setL1Entry(i: number, off: number, copied: boolean): void {
+  setL1Entry(i: number, off: number, copied: boolean): void {
     const dv = new DataView(this.h.map.l1.buffer, this.h.map.l1.byteOffset + i * 8, 8);
     dv.setUint32(0, Math.floor(off / 0x100000000) | (copied ? COPIED_HI : 0));
     dv.setUint32(4, off >>> 0);
@@ -165,7 +165,7 @@ export class Qcow2Writer {
     return { buf, at: byte % cache.sliceBytes, sliceOff };
   }
 
-  private async getEntry(l2: number, index: number): Promise<Entry> {
+  async getEntry(l2: number, index: number): Promise<Entry> {
     const { buf, at } = await this.slice(l2, index);
     const dv = new DataView(buf.buffer, buf.byteOffset + at);
     return this.h.g.extendedL2
@@ -173,7 +173,7 @@ export class Qcow2Writer {
       : { hi: dv.getUint32(0), lo: dv.getUint32(4), bhi: 0, blo: 0 };
   }
 
-  private async setEntry(l2: number, index: number, e: Entry): Promise<void> {
+  async setEntry(l2: number, index: number, e: Entry): Promise<void> {
     const { buf, at, sliceOff } = await this.slice(l2, index);
     const dv = new DataView(buf.buffer, buf.byteOffset + at);
     dv.setUint32(0, e.hi >>> 0);
@@ -561,7 +561,7 @@ export class Qcow2Writer {
     if (this.h.l2cache.pressure) await this.flushMetadata();
   }
 
-  private async barrier(): Promise<void> {
+  async barrier(): Promise<void> {
     if (this.h.dataIO !== this.h.io) await this.h.dataIO.flush();
     await this.h.io.flush();
   }
