@@ -68,7 +68,16 @@ export function entryOffset(hi: number, lo: number): number {
 }
 
 export function corruption(msg: string): QcowError {
-  return new QcowError('EIO', `Image is corrupt: ${msg}`);
+  return new CorruptionError(msg);
+}
+
+/** Metadata found invalid while using the image (QEMU's "corruption event"). */
+export class CorruptionError extends QcowError {
+  readonly detail: string;
+  constructor(detail: string) {
+    super('EIO', `Image is corrupt: ${detail}`);
+    this.detail = detail;
+  }
 }
 
 export class ClusterMap {

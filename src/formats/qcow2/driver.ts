@@ -7,9 +7,9 @@ import { readInto, type ByteIO, type IOProvider } from '../../core/byte-io.js';
 import { QcowError } from '../../core/errors.js';
 import { codecs } from '../../codecs/registry.js';
 import * as C from './constants.js';
-import { decodeExtensions, decodeHeader, validateHeader, type Qcow2Header } from './header.js';
+import { decodeExtensions, decodeHeader, encodeHeader, validateHeader, type Qcow2Header } from './header.js';
 import { L2Cache } from './l2-cache.js';
-import { ClusterMap, corruption, geometry, type Geometry, type Mapping } from './cluster-map.js';
+import { ClusterMap, CorruptionError, corruption, geometry, type Geometry, type Mapping } from './cluster-map.js';
 import { readSnapshotTable, type SnapshotEntry } from './snapshot-table.js';
 import { Qcow2Writer } from './writer.js';
 import { Refcounts } from './refcount.js';
@@ -428,13 +428,57 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   async write(offset: number, data: Uint8Array): Promise<void> {
-    if (data.length) await this.writable(offset, data.length).write(offset, data);
+    if (data.length) await this.guard(this.writable(offset, data.length).write(offset, data));
   }
   async writeZeroes(offset: number, length: number, opts?: { mayUnmap?: boolean }): Promise<void> {
-    if (length) await this.writable(offset, length).writeZeroes(offset, length, opts?.mayUnmap ?? false);
+    if (length) await this.guard(this.writable(offset, length).writeZeroes(offset, length, opts?.mayUnmap ?? false));
   }
   async discard(offset: number, length: number): Promise<void> {
-    if (length) await this.writable(offset, length).discard(offset, length);
+    if (length) await this.guard(this.writable(offset, length).discard(offset, length));
+  }
+
+  /**
+   * A corruption found while writing marks the image corrupt (incompatible bit 1) and stops
+   * further writes, as QEMU does; `check -r all` repairs it.
+   */
+  private async guard(p: Promise<void>): Promise<void> {
+    try {
+      await p;
+    } catch (e) {
+      if (e instanceof CorruptionError && this.writer) {
+        const w = this.writer;
+        this.writer = undefined;
+        this.header.incompatibleFeatures |= C.INCOMPAT_CORRUPT;
+        await w.writeHeaderFeatures().catch(() => {});
+        await this.io.flush().catch(() => {});
+        throw new QcowError(
+          'EIO',
+          `Marking image as corrupt: ${e.detail}; further writes are refused. Repair it with 'qcowkit check -r all ${this.filename}'`,
+        );
+      }
+      throw e;
+    }
+  }
+
+  /**
+   * Point the image at a new backing file (or none): the header cluster is rewritten in one write
+   * (header, extensions, name), as `rebase -u` and `commit` need.
+   */
+  async setBackingFile(name: string | undefined, format: string | undefined): Promise<void> {
+    if (!this.writer) throw new QcowError('EPERM', `Image '${this.filename}' is opened read-only`);
+    const h = this.header;
+    const next: Qcow2Header = { ...h, backingFile: name || undefined, backingFormat: name ? format : undefined };
+    if (next.backingFile !== undefined && new TextEncoder().encode(next.backingFile).length > C.MAX_BACKING_FILE_NAME) {
+      throw new QcowError('EINVAL', 'Backing file name too long');
+    }
+    const bytes = encodeHeader(next);
+    await this.writer.flush();
+    await this.rawWrite(bytes, 0);
+    await this.writer.barrier();
+    h.backingFile = next.backingFile;
+    h.backingFormat = next.backingFormat;
+    h.backingFileOffset = next.backingFileOffset;
+    h.backingFileSize = next.backingFileSize;
   }
   /** Store a compressed cluster (data already compressed with the image's compression type). */
   async writeCompressed(offset: number, compressed: Uint8Array): Promise<void> {

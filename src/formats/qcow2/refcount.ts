@@ -7,7 +7,7 @@
  */
 import type { ByteIO } from '../../core/byte-io.js';
 import { QcowError } from '../../core/errors.js';
-import { entryOffset } from './cluster-map.js';
+import { corruption, entryOffset } from './cluster-map.js';
 import { QCOW_MAX_REFTABLE_SIZE } from './constants.js';
 
 export interface RefcountHost {
@@ -99,7 +99,7 @@ export class Refcounts {
       const hi = dv.getUint32(i * 8);
       const lo = dv.getUint32(i * 8 + 4);
       const off = entryOffset(hi, lo) + (hi & 0xff000000) * 0x100000000; // keep reserved high bits visible
-      if (off % cs !== 0) throw new QcowError('EIO', `Image is corrupt: refcount block ${i} is not cluster aligned`);
+      if (off % cs !== 0) throw corruption(`refcount block ${i} is not cluster aligned`);
       table.push(off);
     }
     return new Refcounts(host, table);
@@ -145,13 +145,13 @@ export class Refcounts {
     const rt = Math.floor(cluster / this.entriesPerBlock);
     let b = await this.block(rt);
     if (!b) {
-      if (delta < 0) throw new QcowError('EIO', `Image is corrupt: freeing cluster ${cluster} with refcount 0`);
+      if (delta < 0) throw corruption(`freeing cluster ${cluster} with refcount 0`);
       await this.createBlock(rt);
       b = (await this.block(rt))!;
     }
     const i = cluster % this.entriesPerBlock;
     const v = getRefcount(b, i, this.host.refcountOrder) + delta;
-    if (v < 0) throw new QcowError('EIO', `Image is corrupt: refcount of cluster ${cluster} would drop below 0`);
+    if (v < 0) throw corruption(`refcount of cluster ${cluster} would drop below 0`);
     if (v > this.maxRefcount) throw new QcowError('ERANGE', `Refcount overflow on cluster ${cluster} (maximum ${this.maxRefcount})`);
     setRefcount(b, i, this.host.refcountOrder, v);
     this.dirtyBlocks.add(this.table[rt]!);

@@ -9,7 +9,7 @@
  */
 import { QcowError } from '../../core/errors.js';
 import * as C from './constants.js';
-import { entryOffset } from './cluster-map.js';
+import { corruption, entryOffset } from './cluster-map.js';
 import type { Qcow2Driver } from './driver.js';
 import { encodeSnapshotTable, type SnapshotEntry } from './snapshot-table.js';
 import type { Entry, Qcow2Writer } from './writer.js';
@@ -52,7 +52,7 @@ export class SnapshotOps {
     for (let i = 0; i < l1.length / 8; i++) {
       const l2 = entryOffset(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4));
       if (!l2) continue;
-      if (l2 % this.cs) throw new QcowError('EIO', `Image is corrupt: L2 table offset 0x${l2.toString(16)} unaligned (L1 index: 0x${i.toString(16)})`);
+      if (l2 % this.cs) throw corruption(`L2 table offset 0x${l2.toString(16)} unaligned (L1 index: 0x${i.toString(16)})`);
       await fn(l2 / this.cs);
       for (let k = 0; k < g.l2Entries; k++) {
         const e = await this.w.getEntry(l2, k);

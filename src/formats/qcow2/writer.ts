@@ -12,7 +12,7 @@
 import type { ByteIO } from '../../core/byte-io.js';
 import { QcowError } from '../../core/errors.js';
 import * as C from './constants.js';
-import { entryOffset, type ClusterMap, type Geometry } from './cluster-map.js';
+import { corruption, entryOffset, type ClusterMap, type Geometry } from './cluster-map.js';
 import type { L2Cache } from './l2-cache.js';
 import { Refcounts } from './refcount.js';
 import type { Qcow2Header } from './header.js';
@@ -141,7 +141,7 @@ export class Qcow2Writer {
   private async writableL2(i: number): Promise<number> {
     const { hi, lo } = this.l1Entry(i);
     const off = entryOffset(hi, lo);
-    if (off % this.cs) throw new QcowError('EIO', `Image is corrupt: L2 table offset 0x${off.toString(16)} unaligned (L1 index: 0x${i.toString(16)})`);
+    if (off % this.cs) throw corruption(`L2 table offset 0x${off.toString(16)} unaligned (L1 index: 0x${i.toString(16)})`);
     if (off && hi & COPIED_HI) return off;
     const cache = this.h.l2cache;
     const fresh = await this.refcounts.allocate(1);
