@@ -13,6 +13,8 @@ import { ClusterMap, CorruptionError, corruption, geometry, type Geometry, type 
 import { readSnapshotTable, type SnapshotEntry } from './snapshot-table.js';
 import { Qcow2Writer } from './writer.js';
 import { Refcounts } from './refcount.js';
+import { bitmapFlagNames, decodeBitmapDirectory, type BitmapDirectoryEntry } from './bitmap-directory.js';
+import { AUTOCLEAR_BITMAPS } from './constants.js';
 
 export interface Qcow2OpenOptions extends OpenOptions {
   readOnly: boolean;
@@ -121,6 +123,12 @@ export class Qcow2Driver implements BlockDriver {
       size = header.size;
     }
     const l1 = await readChecked(io, l1Offset, l1Size * 8);
+    let bitmaps: BitmapDirectoryEntry[] = [];
+    if (header.bitmaps && header.autoclearFeatures & AUTOCLEAR_BITMAPS) {
+      const b = header.bitmaps;
+      if (!inFile(b.directoryOffset, b.directorySize)) throw new QcowError('ECORRUPT', 'Bitmap directory is past the end of the file');
+      bitmaps = decodeBitmapDirectory(await readChecked(io, b.directoryOffset, b.directorySize), b.nbBitmaps, clusterSize);
+    }
 
     let dataIO = io;
     let dataFileOpened = false;
@@ -147,6 +155,7 @@ export class Qcow2Driver implements BlockDriver {
       activeSnapshot,
     });
     drv.dataFileMissing = hasDataFile && !dataFileOpened;
+    drv.bitmaps = bitmaps;
     try {
       if (!drv.readOnly) {
         if (header.incompatibleFeatures & C.INCOMPAT_DIRTY) {
@@ -187,6 +196,8 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   dataFileMissing = false;
+  /** Persistent dirty bitmaps (empty when the bitmaps extension is absent or not consistent). */
+  bitmaps: BitmapDirectoryEntry[] = [];
 
   get filename(): string {
     return this.io.name;
@@ -577,6 +588,9 @@ export class Qcow2Driver implements BlockDriver {
       'compression-type': h.compressionType === C.COMPRESSION_ZSTD ? 'zstd' : 'zlib',
     };
     if (v3) data['lazy-refcounts'] = (h.compatibleFeatures & C.COMPAT_LAZY_REFCOUNTS) !== 0n;
+    if (this.bitmaps.length) {
+      data.bitmaps = this.bitmaps.map((b) => ({ flags: bitmapFlagNames(b.flags), name: b.name, granularity: 2 ** b.granularityBits }));
+    }
     data['refcount-bits'] = 2 ** h.refcountOrder;
     if (v3) {
       data.corrupt = (h.incompatibleFeatures & C.INCOMPAT_CORRUPT) !== 0n;
