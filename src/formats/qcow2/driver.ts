@@ -13,6 +13,7 @@ import { ClusterMap, CorruptionError, corruption, geometry, type Geometry, type 
 import { readSnapshotTable, type SnapshotEntry } from './snapshot-table.js';
 import { Qcow2Writer } from './writer.js';
 import { Refcounts } from './refcount.js';
+import { CRYPT_SECTOR, type DataCipher } from './data-cipher.js';
 import { bitmapFlagNames, decodeBitmapDirectory, type BitmapDirectoryEntry } from './bitmap-directory.js';
 import { AUTOCLEAR_BITMAPS } from './constants.js';
 
@@ -171,6 +172,9 @@ export class Qcow2Driver implements BlockDriver {
           get hasBacking() {
             return header.backingFile !== undefined;
           },
+          get cipher() {
+            return drv.cipher;
+          },
           readGuest: async (buf, off) => {
             // Copy-on-write may cover the tail of the last cluster, past the virtual size.
             const n = Math.max(0, Math.min(buf.length, drv.size - off));
@@ -196,6 +200,8 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   dataFileMissing = false;
+  /** Set when the image is encrypted and unlocked: data clusters pass through it. */
+  cipher?: DataCipher;
   /** Persistent dirty bitmaps (empty when the bitmaps extension is absent or not consistent). */
   bitmaps: BitmapDirectoryEntry[] = [];
 
@@ -220,7 +226,7 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   private checkDataAccess() {
-    if (this.header.cryptMethod !== C.CRYPT_NONE) {
+    if (this.header.cryptMethod !== C.CRYPT_NONE && !this.cipher) {
       throw new QcowError('ENOTSUP', `Could not read '${this.filename}': encryption not supported yet`);
     }
     if (this.dataFileMissing) throw new QcowError('EINVAL', "'data-file' is required for this image");
@@ -286,7 +292,8 @@ export class Qcow2Driver implements BlockDriver {
   private async readMapped(m: Mapping, sub: Uint8Array, guestOffset: number): Promise<void> {
     switch (m.type) {
       case 'normal':
-        await readInto(this.dataIO, sub, m.hostOffset!);
+        if (this.cipher) await this.readEncrypted(sub, m.hostOffset!, guestOffset);
+        else await readInto(this.dataIO, sub, m.hostOffset!);
         return;
       case 'zero-plain':
       case 'zero-alloc':
@@ -302,6 +309,16 @@ export class Qcow2Driver implements BlockDriver {
       case 'invalid':
         throw corruption(m.problem ?? 'invalid cluster entry');
     }
+  }
+
+  /** Read whole sectors around the range, decrypt them, copy out the part asked for. */
+  private async readEncrypted(sub: Uint8Array, host: number, guest: number): Promise<void> {
+    const head = host % CRYPT_SECTOR;
+    const len = Math.ceil((head + sub.length) / CRYPT_SECTOR) * CRYPT_SECTOR;
+    const buf = head === 0 && len === sub.length ? sub : new Uint8Array(len);
+    await readInto(this.dataIO, buf, host - head);
+    await this.cipher!.decrypt(buf, host - head, guest - head);
+    if (buf !== sub) sub.set(buf.subarray(head, head + sub.length));
   }
 
   protected async readBacking(sub: Uint8Array, guestOffset: number): Promise<void> {

@@ -16,6 +16,7 @@ import { corruption, entryOffset, type ClusterMap, type Geometry } from './clust
 import type { L2Cache } from './l2-cache.js';
 import { Refcounts } from './refcount.js';
 import type { Qcow2Header } from './header.js';
+import { CRYPT_SECTOR, type DataCipher } from './data-cipher.js';
 
 const COPIED_HI = 0x80000000;
 const COMPRESSED_HI = 0x40000000;
@@ -31,6 +32,8 @@ export interface WriterHost {
   map: ClusterMap;
   l2cache: L2Cache;
   hasBacking: boolean;
+  /** Encryption of guest data (whole 512-byte sectors), when the image is encrypted. */
+  cipher?: DataCipher;
   /** Read guest data through the current mapping (used for copy-on-write). */
   readGuest(buf: Uint8Array, offset: number): Promise<void>;
 }
@@ -248,7 +251,7 @@ export class Qcow2Writer {
       }
       const end = Math.min(offset + len, (firstCluster + n) * cs);
       const buf = await this.padInPlace(l2, idx0, n, offset, data.subarray(0, end - offset));
-      await this.h.dataIO.write(buf.data, host0 + (buf.start - firstCluster * cs));
+      await this.writeData(buf.data, host0 + (buf.start - firstCluster * cs), buf.start);
       for (let k = 0; k < n; k++) await this.markWritten(l2, idx0 + k, firstCluster + k, buf.start, buf.start + buf.data.length, true);
       return end - offset;
     }
@@ -276,7 +279,7 @@ export class Qcow2Writer {
     }
     buf.set(data.subarray(0, end - offset), offset - runStart);
     const host = this.dataFile ? runStart : await this.refcounts.allocate(n);
-    await this.h.dataIO.write(buf, host);
+    await this.writeData(buf, host, runStart);
     for (let k = 0; k < n; k++) {
       const old = olds[k]!;
       const newHost = host + k * cs;
@@ -290,6 +293,26 @@ export class Qcow2Writer {
       this.releaseOld(old);
     }
     return end - offset;
+  }
+
+  /**
+   * Write guest data at `host`. Encrypted images take whole sectors: partial sectors at the edges
+   * are completed with the current plaintext, then everything is encrypted (on a copy).
+   */
+  private async writeData(data: Uint8Array, host: number, guest: number): Promise<void> {
+    const cipher = this.h.cipher;
+    if (!cipher) {
+      await this.h.dataIO.write(data, host);
+      return;
+    }
+    const head = guest % CRYPT_SECTOR;
+    const len = Math.ceil((head + data.length) / CRYPT_SECTOR) * CRYPT_SECTOR;
+    const buf = new Uint8Array(len);
+    if (head) await this.h.readGuest(buf.subarray(0, CRYPT_SECTOR), guest - head);
+    if ((head + data.length) % CRYPT_SECTOR) await this.h.readGuest(buf.subarray(len - CRYPT_SECTOR), guest - head + len - CRYPT_SECTOR);
+    buf.set(data, head);
+    await cipher.encrypt(buf, host - head, guest - head);
+    await this.h.dataIO.write(buf, host - head);
   }
 
   /**
