@@ -73,3 +73,18 @@ export function parseSize(text: string): number | undefined {
   if (!Number.isFinite(v) || v > Number.MAX_SAFE_INTEGER) return undefined;
   return Math.round(v);
 }
+
+/** Byte-wise equality (no Node Buffer, so the core runs in browsers). */
+export function bytesEqual(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.length !== b.length) return false;
+  const n = a.length;
+  let i = 0;
+  if ((a.byteOffset & 3) === 0 && (b.byteOffset & 3) === 0) {
+    const a32 = new Uint32Array(a.buffer, a.byteOffset, n >>> 2);
+    const b32 = new Uint32Array(b.buffer, b.byteOffset, n >>> 2);
+    for (let j = 0; j < a32.length; j++) if (a32[j] !== b32[j]) return false;
+    i = a32.length << 2;
+  }
+  for (; i < n; i++) if (a[i] !== b[i]) return false;
+  return true;
+}

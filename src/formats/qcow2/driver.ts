@@ -488,6 +488,12 @@ export class Qcow2Driver implements BlockDriver {
     }
   }
 
+  /** Make the image empty: every cluster is released and reads fall through to the backing file. */
+  async makeEmpty(): Promise<void> {
+    if (!this.writer) throw new QcowError('EPERM', `Image '${this.filename}' is opened read-only`);
+    await this.writer.makeEmpty();
+  }
+
   /**
    * Point the image at a new backing file (or none): the header cluster is rewritten in one write
    * (header, extensions, name), as `rebase -u` and `commit` need.

@@ -644,6 +644,29 @@ export class Qcow2Writer {
   }
 
   /**
+   * Drop every cluster of the active state: all L1 entries become 0, so the whole image reads
+   * from its backing file again (`commit` empties the top image this way).
+   */
+  async makeEmpty(): Promise<void> {
+    await this.exclusive(async () => {
+      await this.start();
+      const { g } = this.h;
+      const cs = this.cs;
+      for (let i = 0; i < this.h.map.l1Size; i++) {
+        const { hi, lo } = this.l1Entry(i);
+        const l2 = entryOffset(hi, lo);
+        if (!l2) continue;
+        // The active state's reference to every cluster under this table goes, shared or not.
+        for (let k = 0; k < g.l2Entries; k++) this.releaseOld(await this.getEntry(l2, k));
+        this.setL1Entry(i, 0, false);
+        this.refcounts.free(l2 / cs);
+      }
+      await this.flushMetadata();
+      this.h.l2cache.clear();
+    });
+  }
+
+  /**
    * Change the virtual size. Growing may move the L1 table to a larger one (written and made
    * durable before the header points to it); shrinking drops every cluster past the new end.
    * Returns the new L1 bytes when the table moved.
