@@ -499,21 +499,31 @@ export class Qcow2Driver implements BlockDriver {
    * (header, extensions, name), as `rebase -u` and `commit` need.
    */
   async setBackingFile(name: string | undefined, format: string | undefined): Promise<void> {
-    if (!this.writer) throw new QcowError('EPERM', `Image '${this.filename}' is opened read-only`);
-    const h = this.header;
-    const next: Qcow2Header = { ...h, backingFile: name || undefined, backingFormat: name ? format : undefined };
-    if (next.backingFile !== undefined && new TextEncoder().encode(next.backingFile).length > C.MAX_BACKING_FILE_NAME) {
+    if (name !== undefined && new TextEncoder().encode(name).length > C.MAX_BACKING_FILE_NAME) {
       throw new QcowError('EINVAL', 'Backing file name too long');
     }
-    const bytes = encodeHeader(next);
-    await this.writer.flush();
-    await this.rawWrite(bytes, 0);
-    await this.writer.barrier();
-    h.backingFile = next.backingFile;
-    h.backingFormat = next.backingFormat;
-    h.backingFileOffset = next.backingFileOffset;
-    h.backingFileSize = next.backingFileSize;
+    await this.rewriteHeader({ ...this.header, backingFile: name || undefined, backingFormat: name ? format : undefined });
   }
+
+  /**
+   * Replace the header (fixed fields, extensions, backing name) with `next`, written in one
+   * request after everything else is durable. Used by rebase, amend and bitmap changes.
+   */
+  async rewriteHeader(next: Qcow2Header): Promise<void> {
+    if (!this.writer) throw new QcowError('EPERM', `Image '${this.filename}' is opened read-only`);
+    const bytes = encodeHeader({ ...next });
+    await this.writer.flush();
+    // Zero what the old header occupied beyond the new one (stale extension bytes).
+    const oldLen = encodeHeader({ ...this.header }).length;
+    const out = oldLen > bytes.length ? new Uint8Array(oldLen) : bytes;
+    if (out !== bytes) out.set(bytes);
+    await this.rawWrite(out, 0);
+    await this.writer.barrier();
+    Object.assign(this.header, next);
+    // encodeHeader placed the backing name: keep the in-memory offsets in step.
+    encodeHeader(this.header);
+  }
+
   /** Store a compressed cluster (data already compressed with the image's compression type). */
   async writeCompressed(offset: number, compressed: Uint8Array): Promise<void> {
     if (offset % this.g.clusterSize) throw new QcowError('EINVAL', 'Compressed writes must be cluster aligned');
