@@ -8,6 +8,7 @@ import { QcowError } from '../core/errors.js';
 import { MAX_BACKING_CHAIN_DEPTH } from '../formats/qcow2/constants.js';
 import { RawDriver } from '../formats/raw/driver.js';
 import { Qcow2Driver } from '../formats/qcow2/driver.js';
+import { QcowDriver } from '../formats/qcow/driver.js';
 
 export interface OpenImageOptions extends OpenOptions {
   io: IOProvider;
@@ -19,7 +20,7 @@ interface ChainState {
   depth: number;
 }
 
-export const FORMATS = ['qcow2', 'raw'] as const;
+export const FORMATS = ['qcow2', 'qcow', 'raw'] as const;
 
 export async function probeFormat(io: ByteIO): Promise<string> {
   const head = new Uint8Array(8);
@@ -60,10 +61,26 @@ async function openInChain(filename: string, opts: OpenImageOptions, chain: Chai
           readOnly,
           provider: opts.io,
           openBacking: (name, fmt) =>
-            openInChain(name, { io: opts.io, format: fmt, readOnly: true }, { seen: chain.seen, depth: chain.depth + 1 }),
+            openInChain(
+              name,
+              // encryption: backing images see the secrets, not this image's key-secret (QEMU: backing.encrypt.key-secret)
+              { io: opts.io, format: fmt, readOnly: true, ...(opts.secrets ? { secrets: opts.secrets } : {}) },
+              { seen: chain.seen, depth: chain.depth + 1 },
+            ),
         });
       case 'qcow':
-        throw new QcowError('ENOTSUP', `Could not open '${filename}': the qcow (version 1) format is not supported yet`);
+        // qcow v1 stores no backing format: the backing file is probed.
+        return await QcowDriver.open(io, {
+          ...opts,
+          readOnly,
+          provider: opts.io,
+          openBacking: (name, fmt) =>
+            openInChain(
+              name,
+              { io: opts.io, format: fmt, readOnly: true, ...(opts.secrets ? { secrets: opts.secrets } : {}) },
+              { seen: chain.seen, depth: chain.depth + 1 },
+            ),
+        });
       default:
         throw new QcowError('EINVAL', `Unknown driver '${format}'`);
     }

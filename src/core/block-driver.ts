@@ -90,4 +90,8 @@ export interface OpenOptions {
   snapshot?: { id?: string; name?: string };
   /** External data file name override (`data-file` open option). */
   dataFile?: string;
+  /** Encryption: secrets by id (`--object secret,id=ID,...`), raw bytes. */
+  secrets?: Map<string, Uint8Array>;
+  /** Encryption: `encrypt.key-secret`, the id of the secret holding the image's password. */
+  keySecret?: string;
 }

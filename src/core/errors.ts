@@ -7,7 +7,8 @@ export type ErrorCode =
   | 'ENOTSUP' // feature not supported
   | 'EPERM' // operation not permitted (e.g. write to read-only image)
   | 'ERANGE' // out of range
-  | 'EFBIG'; // too big
+  | 'EFBIG' // too big
+  | 'EEXIST'; // already exists
 
 export class QcowError extends Error {
   readonly code: ErrorCode;

@@ -66,3 +66,25 @@ export function bitmapFlagNames(flags: number): string[] {
   if (flags & BME_FLAG_AUTO) names.push('auto');
   return names;
 }
+
+export function encodeBitmapDirectory(entries: BitmapDirectoryEntry[]): Uint8Array {
+  const enc = new TextEncoder();
+  const names = entries.map((e) => enc.encode(e.name));
+  const total = entries.reduce((n, e, i) => n + dirEntrySize(names[i]!.length, e.extraData.length), 0);
+  const out = new Uint8Array(total);
+  const dv = new DataView(out.buffer);
+  let pos = 0;
+  entries.forEach((e, i) => {
+    dv.setBigUint64(pos, BigInt(e.tableOffset));
+    dv.setUint32(pos + 8, e.tableSize);
+    dv.setUint32(pos + 12, e.flags);
+    out[pos + 16] = e.type;
+    out[pos + 17] = e.granularityBits;
+    dv.setUint16(pos + 18, names[i]!.length);
+    dv.setUint32(pos + 20, e.extraData.length);
+    out.set(e.extraData, pos + 24);
+    out.set(names[i]!, pos + 24 + e.extraData.length);
+    pos += dirEntrySize(names[i]!.length, e.extraData.length);
+  });
+  return out;
+}

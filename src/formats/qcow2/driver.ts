@@ -14,8 +14,10 @@ import { readSnapshotTable, type SnapshotEntry } from './snapshot-table.js';
 import { Qcow2Writer } from './writer.js';
 import { Refcounts } from './refcount.js';
 import { CRYPT_SECTOR, type DataCipher } from './data-cipher.js';
+import { encryptionLockedError, openDataCipher, qcow2EncryptInfo } from '../crypto/qcow2.js';
 import { bitmapFlagNames, decodeBitmapDirectory, type BitmapDirectoryEntry } from './bitmap-directory.js';
 import { AUTOCLEAR_BITMAPS } from './constants.js';
+import { Bitmaps } from './bitmaps.js';
 
 export interface Qcow2OpenOptions extends OpenOptions {
   readOnly: boolean;
@@ -78,9 +80,8 @@ export class Qcow2Driver implements BlockDriver {
     header = decodeHeader(cluster0);
     decodeExtensions(header, cluster0);
     validateHeader(header, { readOnly: opts.readOnly });
-    if (header.cryptMethod !== C.CRYPT_NONE && !opts.readOnly) {
-      throw new QcowError('ENOTSUP', 'Encrypted images are not supported yet');
-    }
+    // Encryption (src/formats/crypto): parse the LUKS header / legacy AES, unlock with encrypt.key-secret.
+    const cipher = await openDataCipher(header, io, opts);
     const hasDataFile = (header.incompatibleFeatures & C.INCOMPAT_DATA_FILE) !== 0n;
     const g = geometry(header.clusterBits, (header.incompatibleFeatures & C.INCOMPAT_EXTL2) !== 0n, hasDataFile);
 
@@ -157,6 +158,7 @@ export class Qcow2Driver implements BlockDriver {
     });
     drv.dataFileMissing = hasDataFile && !dataFileOpened;
     drv.bitmaps = bitmaps;
+    drv.cipher = cipher; // encryption: set before the writer is created
     try {
       if (!drv.readOnly) {
         if (header.incompatibleFeatures & C.INCOMPAT_DIRTY) {
@@ -174,6 +176,12 @@ export class Qcow2Driver implements BlockDriver {
           },
           get cipher() {
             return drv.cipher;
+          },
+          onGuestWrite: async (off, len) => {
+            if (drv.bitmaps.length) await drv.bitmapOps().markDirty(off, len);
+          },
+          beforeClose: async () => {
+            if (drv.bitmapTracker) await drv.bitmapTracker.saveDirty();
           },
           readGuest: async (buf, off) => {
             // Copy-on-write may cover the tail of the last cluster, past the virtual size.
@@ -204,6 +212,13 @@ export class Qcow2Driver implements BlockDriver {
   cipher?: DataCipher;
   /** Persistent dirty bitmaps (empty when the bitmaps extension is absent or not consistent). */
   bitmaps: BitmapDirectoryEntry[] = [];
+  bitmapTracker?: Bitmaps;
+
+  /** Bitmap management (add/remove/clear/enable/disable/merge) and write tracking. */
+  bitmapOps(): Bitmaps {
+    this.bitmapTracker ??= new Bitmaps(this);
+    return this.bitmapTracker;
+  }
 
   get filename(): string {
     return this.io.name;
@@ -227,7 +242,7 @@ export class Qcow2Driver implements BlockDriver {
 
   private checkDataAccess() {
     if (this.header.cryptMethod !== C.CRYPT_NONE && !this.cipher) {
-      throw new QcowError('ENOTSUP', `Could not read '${this.filename}': encryption not supported yet`);
+      throw encryptionLockedError(this.filename); // encrypted, opened without a key
     }
     if (this.dataFileMissing) throw new QcowError('EINVAL', "'data-file' is required for this image");
   }
@@ -511,8 +526,14 @@ export class Qcow2Driver implements BlockDriver {
    */
   async rewriteHeader(next: Qcow2Header): Promise<void> {
     if (!this.writer) throw new QcowError('EPERM', `Image '${this.filename}' is opened read-only`);
+    await this.writer.exclusive(() => this.rewriteHeaderLocked(next));
+  }
+
+  /** rewriteHeader for callers already holding the writer's lock. */
+  async rewriteHeaderLocked(next: Qcow2Header): Promise<void> {
+    if (!this.writer) throw new QcowError('EPERM', `Image '${this.filename}' is opened read-only`);
     const bytes = encodeHeader({ ...next });
-    await this.writer.flush();
+    await this.writer.flushMetadata();
     // Zero what the old header occupied beyond the new one (stale extension bytes).
     const oldLen = encodeHeader({ ...this.header }).length;
     const out = oldLen > bytes.length ? new Uint8Array(oldLen) : bytes;
@@ -631,8 +652,8 @@ export class Qcow2Driver implements BlockDriver {
       if (h.dataFile !== undefined) data['data-file'] = h.dataFile;
       if (h.incompatibleFeatures & C.INCOMPAT_DATA_FILE) data['data-file-raw'] = (h.autoclearFeatures & C.AUTOCLEAR_DATA_FILE_RAW) !== 0n;
     }
-    if (h.cryptMethod === C.CRYPT_AES) data.encrypt = { format: 'aes' };
-    else if (h.cryptMethod === C.CRYPT_LUKS) data.encrypt = { format: 'luks' };
+    const encrypt = qcow2EncryptInfo(h); // encryption: format aes, or the LUKS header details
+    if (encrypt) data.encrypt = encrypt;
     return {
       clusterSize: this.g.clusterSize,
       dirty: (h.incompatibleFeatures & C.INCOMPAT_DIRTY) !== 0n,

@@ -34,6 +34,10 @@ export interface WriterHost {
   hasBacking: boolean;
   /** Encryption of guest data (whole 512-byte sectors), when the image is encrypted. */
   cipher?: DataCipher;
+  /** Called (under the lock) for every range the guest changes: persistent bitmaps track it. */
+  onGuestWrite?(offset: number, length: number): Promise<void>;
+  /** Called (under the lock) before the final flush at close. */
+  beforeClose?(): Promise<void>;
   /** Read guest data through the current mapping (used for copy-on-write). */
   readGuest(buf: Uint8Array, offset: number): Promise<void>;
 }
@@ -104,7 +108,8 @@ export class Qcow2Writer {
     this.started = true;
     const hdr = this.h.header;
     if (hdr.version !== 3) return;
-    const keep = hdr.autoclearFeatures & C.AUTOCLEAR_DATA_FILE_RAW;
+    // We maintain persistent bitmaps and raw data files; any other autoclear bit must go.
+    const keep = hdr.autoclearFeatures & (C.AUTOCLEAR_DATA_FILE_RAW | C.AUTOCLEAR_BITMAPS);
     if (hdr.autoclearFeatures !== keep) {
       hdr.autoclearFeatures = keep;
       await this.writeHeaderFeatures();
@@ -222,6 +227,7 @@ export class Qcow2Writer {
   async write(offset: number, data: Uint8Array): Promise<void> {
     await this.exclusive(async () => {
       await this.start();
+      await this.h.onGuestWrite?.(offset, data.length);
       let pos = 0;
       while (pos < data.length) pos += await this.writeRun(offset + pos, data.subarray(pos));
       await this.maybeFlushMetadata();
@@ -452,6 +458,7 @@ export class Qcow2Writer {
     if (a > offset) await this.writeZeroBytes(offset, a - offset);
     await this.exclusive(async () => {
       await this.start();
+      await this.h.onGuestWrite?.(a, b - a);
       await this.zeroUnits(a, b - a, mayUnmap, false);
       await this.maybeFlushMetadata();
     });
@@ -475,6 +482,7 @@ export class Qcow2Writer {
     if (a >= b) return;
     await this.exclusive(async () => {
       await this.start();
+      await this.h.onGuestWrite?.(a, b - a);
       await this.zeroUnits(a, b - a, true, true);
       await this.maybeFlushMetadata();
     });
@@ -560,6 +568,7 @@ export class Qcow2Writer {
   async writeCompressed(offset: number, compressed: Uint8Array): Promise<void> {
     await this.exclusive(async () => {
       await this.start();
+      await this.h.onGuestWrite?.(offset, this.cs);
       const { g } = this.h;
       const cs = this.cs;
       if (this.dataFile) throw new QcowError('ENOTSUP', 'Compression is not supported with an external data file');
@@ -633,6 +642,7 @@ export class Qcow2Writer {
   /** Flush, then clear the dirty bit we set for lazy refcounts. */
   async close(): Promise<void> {
     await this.exclusive(async () => {
+      await this.h.beforeClose?.();
       await this.flushMetadata();
       const hdr = this.h.header;
       if (this.lazy && hdr.incompatibleFeatures & C.INCOMPAT_DIRTY) {
