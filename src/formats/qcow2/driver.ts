@@ -411,7 +411,7 @@ export class Qcow2Driver implements BlockDriver {
         const cs = this.g.clusterSize;
         const fileLength = await io.size();
         const realClusters = Math.floor((await io.allocatedSize()) / cs);
-        const threshold = Math.max(Math.floor((realClusters * 10) / 9), Math.floor(fileLength / 4 / cs));
+        const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
         const endCluster = Math.ceil(fileLength / cs);
         const rc = await Refcounts.load({
           io,
