@@ -185,11 +185,10 @@ export class Refcounts {
   private async findFree(n: number, from: number): Promise<number> {
     let start = from;
     let run = 0;
+    let leadingUsed = from === this.freeHint;
     for (let c = from; ; c++) {
       const rt = Math.floor(c / this.entriesPerBlock);
       if (rt >= this.table.length || !this.table[rt]) {
-        // Whole block range free; but a block we'd need to create must not land inside our run:
-        // callers allocate blocks first (update() creates them before marking).
         if (run === 0) start = c;
         const blockEnd = (rt + 1) * this.entriesPerBlock;
         const take = Math.min(n - run, blockEnd - c);
@@ -201,6 +200,13 @@ export class Refcounts {
           if (run === 0) start = c;
           run++;
         } else run = 0;
+      }
+      if (leadingUsed) {
+        // Clusters before the first free one never need scanning again.
+        if (run > 0) {
+          this.freeHint = start;
+          leadingUsed = false;
+        } else this.freeHint = c + 1;
       }
       if (run >= n) return start;
     }
