@@ -18,6 +18,7 @@ import { encryptionLockedError, openDataCipher, qcow2EncryptInfo } from '../cryp
 import { bitmapFlagNames, decodeBitmapDirectory, type BitmapDirectoryEntry } from './bitmap-directory.js';
 import { AUTOCLEAR_BITMAPS } from './constants.js';
 import { Bitmaps } from './bitmaps.js';
+import { repairDirty } from './check.js';
 
 export interface Qcow2OpenOptions extends OpenOptions {
   readOnly: boolean;
@@ -70,6 +71,11 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   static async open(io: ByteIO, opts: Qcow2OpenOptions): Promise<Qcow2Driver> {
+    if (!opts.readOnly && (await isDirtyV3(io))) {
+      // Like QEMU: a read-write open of an image left dirty (lazy refcounts, interrupted
+      // metadata update) first rebuilds its refcounts and COPIED flags.
+      await repairDirty(io, {});
+    }
     const fileSize = await io.size();
     const head = new Uint8Array(Math.min(fileSize, C.V3_HEADER_LENGTH_WITH_COMPRESSION));
     await readInto(io, head, 0);
@@ -161,9 +167,6 @@ export class Qcow2Driver implements BlockDriver {
     drv.cipher = cipher; // encryption: set before the writer is created
     try {
       if (!drv.readOnly) {
-        if (header.incompatibleFeatures & C.INCOMPAT_DIRTY) {
-          throw new QcowError('ENOTSUP', `Image '${io.name}' is dirty (not cleanly closed); repair it with 'qcowkit check -r all' before writing`);
-        }
         drv.writer = await Qcow2Writer.create({
           io,
           dataIO,
@@ -680,6 +683,14 @@ export class Qcow2Driver implements BlockDriver {
     if (this.dataIO !== this.io && this.dataIO.allocatedSize) n += await this.dataIO.allocatedSize();
     return n;
   }
+}
+
+/** Whether the file is a v3 qcow2 image with the dirty bit set (read before full parsing). */
+async function isDirtyV3(io: ByteIO): Promise<boolean> {
+  const head = new Uint8Array(80);
+  await readInto(io, head, 0);
+  const dv = new DataView(head.buffer);
+  return dv.getUint32(0) === C.QCOW_MAGIC && dv.getUint32(4) === 3 && (dv.getBigUint64(72) & C.INCOMPAT_DIRTY) !== 0n;
 }
 
 function push(out: Extent[], e: Extent): void {
