@@ -114,7 +114,7 @@ export async function measure(
   else if ('driver' in source) data = await allocatedData(source.driver, cs);
   else data = 0;
   const fullyAllocated = qcow2PreallocSize(virtualSize, cs, rb, target.extendedL2 ?? false);
-  const result: MeasureResult = { required: fullyAllocated - virtualSize + data, fullyAllocated };
+  const result: MeasureResult = { required: prealloc === 'full' || prealloc === 'falloc' ? fullyAllocated : fullyAllocated - alignUp(virtualSize, cs) + data, fullyAllocated };
   if ('driver' in source && source.bitmaps) {
     let size = 0;
     let dir = 0;

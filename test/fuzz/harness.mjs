@@ -10,6 +10,7 @@ import { openImage } from '../../dist/block/open.js';
 import { MemoryProvider, MemoryIO } from '../../dist/io/memory.js';
 import { registerNodeCodecs } from '../../dist/codecs/node.js';
 import { QcowError } from '../../dist/core/errors.js';
+import { checkQcow2, CheckFailure } from '../../dist/formats/qcow2/check.js';
 
 registerNodeCodecs();
 
@@ -81,13 +82,26 @@ export function mutate(buf, m) {
   }
 }
 
+/** In-memory storage that, like a full disk, refuses to grow past 64 MiB (repairs must fail cleanly). */
+class LimitedIO extends MemoryIO {
+  static LIMIT = 64 << 20;
+  async write(buf, offset) {
+    if (offset + buf.length > LimitedIO.LIMIT) throw new QcowError('EIO', 'No space left on device');
+    return super.write(buf, offset);
+  }
+  async truncate(size) {
+    if (size > LimitedIO.LIMIT) throw new QcowError('EIO', 'No space left on device');
+    return super.truncate(size);
+  }
+}
+
 const sha = (b) => createHash('sha256').update(b).digest('hex');
 
 /**
  * Drive one mutated image. Returns { ok, error?, bug? }: `bug` is set for anything that is not a
  * clean outcome (an exception other than QcowError, a change to the image, a hang).
  */
-export async function driveOne(bytes, { backing, budgetMs = 2000 } = {}) {
+export async function driveOne(bytes, { backing, budgetMs = 5000 } = {}) {
   const provider = new MemoryProvider();
   const img = new MemoryIO('/fuzz/img.qcow2', bytes);
   provider.files.set('/fuzz/img.qcow2', img);
@@ -122,8 +136,27 @@ export async function driveOne(bytes, { backing, budgetMs = 2000 } = {}) {
   } catch (e) {
     error = e;
   }
+  // check (read-only) must end cleanly too, and must not touch the file.
+  try {
+    await checkQcow2(img, {});
+  } catch (e) {
+    if (!(e instanceof QcowError) && !(e instanceof CheckFailure)) {
+      return { ok: false, bug: `check threw ${e && e.stack ? e.stack.split('\n').slice(0, 3).join(' | ') : e}` };
+    }
+  }
   const after = sha(img.bytes());
-  if (after !== before) return { ok: false, bug: 'image bytes changed by a read-only open' };
+  if (after !== before) return { ok: false, bug: 'image bytes changed by a read-only open or check' };
+  // Repair works on a copy: it may fail, but only with a clean error.
+  if (Date.now() < deadline) {
+    const copy = new LimitedIO('/fuzz/copy.qcow2', bytes);
+    try {
+      await checkQcow2(copy, { repair: 'all' });
+    } catch (e) {
+      if (!(e instanceof QcowError) && !(e instanceof CheckFailure)) {
+        return { ok: false, bug: `check -r all threw ${e && e.stack ? e.stack.split('\n').slice(0, 3).join(' | ') : e}` };
+      }
+    }
+  }
   if (Date.now() > deadline + 1000) return { ok: false, bug: `took too long (${budgetMs}ms budget)` };
   if (error && !(error instanceof QcowError)) {
     return { ok: false, bug: `non-QcowError: ${error && error.stack ? error.stack.split('\n').slice(0, 3).join(' | ') : error}` };
