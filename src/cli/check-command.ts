@@ -22,6 +22,8 @@ import { checkCacheMode, parseOutputFormat, qprint } from './common.js';
 import { CliError, HelpRequested, UsageError, messageOf } from './errors.js';
 import { getopt } from './getopt.js';
 import { resolveImageArg, secretsFromObjects } from './open.js';
+import { openDataCipher } from '../formats/crypto/qcow2.js';
+import type { Qcow2Header } from '../formats/qcow2/header.js';
 import { processIo, type Io } from './output.js';
 
 /** Formats qcowkit can open for `check` without a check of their own. */
@@ -121,6 +123,12 @@ export async function runCheck(argv: string[], io: Io = processIo()): Promise<nu
       // Like qemu-img, an encrypted image opens only with its key named (the check itself needs no key).
       if (spec.keySecret === undefined) throw new CliError(`Could not open '${arg}': Parameter 'encrypt.key-secret' is required for cipher`);
       if (!secrets?.has(spec.keySecret)) throw new CliError(`Could not open '${arg}': No secret with id '${spec.keySecret}'`);
+      // ...and the key must unlock it (a wrong password fails the open, as in qemu-img).
+      try {
+        await openDataCipher(header, file, { readOnly: true, secrets, keySecret: spec.keySecret });
+      } catch (e) {
+        throw new CliError(`Could not open '${arg}': ${messageOf(e)}`);
+      }
     }
     if (header.incompatibleFeatures & INCOMPAT_DATA_FILE) {
       // qemu-img opens the external data file too (its clusters are not refcounted, but it must

@@ -61,6 +61,7 @@ export async function cmdInfo(argv: string[], io: Io): Promise<number> {
   let infos: ImageInfo[];
   const openOne = (name: string, fmt: string | undefined): Promise<BlockDriver> =>
     openForCli(name, {
+      noUnlock: true,
       noBacking: true,
       imageOpts: imageOpts && name === top,
       ...(secrets ? { secrets } : {}),

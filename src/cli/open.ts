@@ -8,6 +8,8 @@ import { CliError, messageOf } from './errors.js';
 import { imageSpecFromOpts, type ImageSpec } from './image-opts.js';
 
 export interface CliOpenOptions {
+  /** Open encrypted images without unlocking them (info). */
+  noUnlock?: boolean;
   /** `-f`: format of the image (probed when absent). */
   format?: string;
   /** `--image-opts`: the argument is an option string. */
@@ -70,7 +72,8 @@ export async function openForCli(arg: string, o: CliOpenOptions = {}): Promise<B
       ...(o.snapshot ? { snapshot: o.snapshot } : {}),
       ...(spec.dataFile !== undefined ? { dataFile: spec.dataFile } : {}),
       ...(o.secrets ? { secrets: o.secrets } : {}),
-      ...(spec.keySecret !== undefined ? { keySecret: spec.keySecret } : {}),
+      // `info` never unlocks (qemu-img shows an encrypted image whatever the password).
+      ...(spec.keySecret !== undefined && !o.noUnlock ? { keySecret: spec.keySecret } : {}),
     });
   } catch (e) {
     const msg = messageOf(e);

@@ -67,7 +67,7 @@ function cpuTimeMs(): number {
   return (u.user + u.system) / 1000;
 }
 
-export const nodeCrypto_: CryptoBackend = {
+export const nodeCryptoBackend: CryptoBackend = {
   aesEcb,
   aesCbc,
   pbkdf2,
@@ -77,8 +77,6 @@ export const nodeCrypto_: CryptoBackend = {
   cpuTimeMs,
 };
 
-export { nodeCrypto_ as nodeCryptoBackend };
-
 export function registerNodeCrypto(): void {
-  setCryptoBackend(nodeCrypto_);
+  setCryptoBackend(nodeCryptoBackend);
 }

@@ -34,11 +34,11 @@ function quote(s: string): string {
     else if (ch === '\n') out += '\\n';
     else if (ch === '\r') out += '\\r';
     else if (ch === '\t') out += '\\t';
-    else if (c < 0x20 || c === 0x7f) out += `\\u${c.toString(16).padStart(4, '0')}`;
+    else if (c < 0x20 || c === 0x7f) out += `\\u${c.toString(16).toUpperCase().padStart(4, '0')}`;
     else if (c > 0xffff) {
       const v = c - 0x10000;
-      out += `\\u${(0xd800 + (v >> 10)).toString(16)}\\u${(0xdc00 + (v & 0x3ff)).toString(16)}`;
-    } else if (c > 0x7e) out += `\\u${c.toString(16).padStart(4, '0')}`;
+      out += `\\u${(0xd800 + (v >> 10)).toString(16).toUpperCase()}\\u${(0xdc00 + (v & 0x3ff)).toString(16).toUpperCase()}`;
+    } else if (c > 0x7e) out += `\\u${c.toString(16).toUpperCase().padStart(4, '0')}`;
     else out += ch;
   }
   return out + '"';

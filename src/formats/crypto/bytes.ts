@@ -1,18 +1,21 @@
 /** Byte helpers for the crypto code: word views for fast XOR, little-endian sector numbers, comparison. */
 
-/** True on little-endian hosts (Uint32Array words are then the LE words of the bytes). */
+/** True on little-endian hosts (typed-array words are then the LE words of the bytes). */
 export const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
 
-/** A Uint32Array over `b` when it is 4-byte aligned, else over an aligned copy (`copied` tells). */
-export function words(b: Uint8Array): { w: Uint32Array; copied: boolean } {
-  if (b.byteOffset % 4 === 0 && b.length % 4 === 0) return { w: new Uint32Array(b.buffer, b.byteOffset, b.length / 4), copied: false };
+/**
+ * An Int32Array over `b` when it is 4-byte aligned, else over an aligned copy (`copied` tells).
+ * Int32 rather than Uint32: XOR and shifts then stay in V8's int32 fast paths.
+ */
+export function words(b: Uint8Array): { w: Int32Array; copied: boolean } {
+  if (b.byteOffset % 4 === 0 && b.length % 4 === 0) return { w: new Int32Array(b.buffer, b.byteOffset, b.length / 4), copied: false };
   const c = new Uint8Array(b.length);
   c.set(b);
-  return { w: new Uint32Array(c.buffer, 0, Math.floor(b.length / 4)), copied: true };
+  return { w: new Int32Array(c.buffer, 0, Math.floor(b.length / 4)), copied: true };
 }
 
 /** Write the words back into `b` when `words()` had to copy. */
-export function wordsBack(b: Uint8Array, v: { w: Uint32Array; copied: boolean }): void {
+export function wordsBack(b: Uint8Array, v: { w: Int32Array; copied: boolean }): void {
   if (v.copied) b.set(new Uint8Array(v.w.buffer, 0, b.length));
 }
 

@@ -3,10 +3,11 @@
  * IV = the sector number as a little-endian u64 (plain64) of the **guest** offset, key = the
  * password's first 16 bytes, zero-padded. No key check: a wrong password reads as garbage.
  */
-import type { CryptoBackend } from '../../codecs/crypto-registry.js';
+import { cryptoBackend, type CryptoBackend } from '../../codecs/crypto-registry.js';
 import type { DataCipher } from '../qcow2/data-cipher.js';
 import { QcowError } from '../../core/errors.js';
 import { makeSectorCipher, SECTOR_SIZE, type SectorCipher } from './sector-cipher.js';
+import { secretPassword } from './options.js';
 
 export const LEGACY_AES_KEY_BYTES = 16;
 
@@ -39,4 +40,20 @@ export function legacyAesCipher(password: Uint8Array, be: CryptoBackend): DataCi
     decrypt: async (buf, _host, guest) => c.decrypt(buf, sector(guest)),
     encrypt: async (buf, _host, guest) => c.encrypt(buf, sector(guest)),
   };
+}
+
+/**
+ * Open-time setup of the legacy method for a driver (qcow v1 or qcow2 method 1): the cipher when
+ * `encrypt.key-secret` is given; undefined for a read-only open without it (data reads must then
+ * be refused, e.g. with `encryptionLockedError`); a writable open without it fails like QEMU.
+ */
+export function openLegacyAes(
+  opts: { readOnly?: boolean; secrets?: ReadonlyMap<string, Uint8Array>; keySecret?: string },
+  be?: CryptoBackend,
+): DataCipher | undefined {
+  if (opts.keySecret === undefined) {
+    if (!opts.readOnly) throw new QcowError('EINVAL', "Parameter 'encrypt.key-secret' is required for cipher");
+    return undefined;
+  }
+  return legacyAesCipher(secretPassword(opts.secrets, opts.keySecret), be ?? cryptoBackend());
 }

@@ -167,9 +167,8 @@ export async function createLuksHeader(o: LuksCreateOptions, be: CryptoBackend):
   const names = luksNames(spec);
   const keyBytes = names.keyBytes;
   const masterKey = be.randomBytes(keyBytes);
-  // Fails early for an ESSIV hash that no AES key size matches (e.g. sha1 → 20 bytes).
-  const slotCipherCheck = makeSectorCipher(spec, masterKey, be);
-  void slotCipherCheck;
+  // Fails early (before any PBKDF2) for an ESSIV hash no AES key size matches, e.g. sha1 → 20 bytes.
+  makeSectorCipher(spec, masterKey, be);
 
   const rate = pbkdf2Rate(be, hash, o.calibrationMs);
   const mkIters = itersFor(rate, hash, LUKS_DIGEST_LEN, iterTime, 8, LUKS_MIN_MASTER_KEY_ITERS);

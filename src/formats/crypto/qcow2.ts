@@ -16,7 +16,7 @@ import { cryptoBackend, type CryptoBackend } from '../../codecs/crypto-registry.
 import type { Qcow2Header } from '../qcow2/header.js';
 import type { DataCipher } from '../qcow2/data-cipher.js';
 import { CRYPT_AES, CRYPT_LUKS, CRYPT_NONE } from '../qcow2/constants.js';
-import { legacyAesCipher } from './legacy-aes.js';
+import { openLegacyAes } from './legacy-aes.js';
 import { decodeLuksHeader, LUKS_HEADER_SIZE, luksParams, validateLuksHeader, type LuksHeader, type LuksParams } from './luks-header.js';
 import { createLuksHeader, luksInfo, unlockLuks, type LuksCreateOptions } from './luks.js';
 import { makeSectorCipher, SECTOR_SIZE, type SectorCipher } from './sector-cipher.js';
@@ -56,13 +56,7 @@ export async function readQcow2LuksHeader(header: Qcow2Header, io: ByteIO): Prom
  */
 export async function openDataCipher(header: Qcow2Header, io: ByteIO, opts: EncryptionOpenOptions, be?: CryptoBackend): Promise<DataCipher | undefined> {
   if (header.cryptMethod === CRYPT_NONE) return undefined;
-  if (header.cryptMethod === CRYPT_AES) {
-    if (opts.keySecret === undefined) {
-      if (!opts.readOnly) throw new QcowError('EINVAL', KEY_SECRET_REQUIRED);
-      return undefined;
-    }
-    return legacyAesCipher(secretPassword(opts.secrets, opts.keySecret), be ?? cryptoBackend());
-  }
+  if (header.cryptMethod === CRYPT_AES) return openLegacyAes(opts, be);
   if (header.cryptMethod !== CRYPT_LUKS) throw new QcowError('ENOTSUP', `Unsupported encryption method ${header.cryptMethod}`);
   const luks = await readQcow2LuksHeader(header, io);
   luksByHeader.set(header, { header: luks.header, params: luks.params });

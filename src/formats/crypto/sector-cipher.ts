@@ -166,19 +166,19 @@ class AesSectorCipher implements SectorCipher {
     }
   }
 
+  /**
+   * In place: buf ^= tweaks, one ECB call, result ^ tweaks. The tweaks are generated twice (cheaper
+   * than storing and re-reading them).
+   */
   private xts(buf: Uint8Array, first: number, enc: boolean): void {
     const n = Math.ceil(buf.length / SECTOR_SIZE);
     const t0 = words(this.tweak!.encrypt(this.ivs(first, n))).w;
-    const nw = buf.length / 4;
-    const t = new Uint32Array(nw);
-    fillTweaks(t, t0, n);
     const vb = words(buf);
     const b = vb.w;
-    const x = new Uint32Array(nw);
-    for (let i = 0; i < nw; i++) x[i] = b[i]! ^ t[i]!;
-    const xb = new Uint8Array(x.buffer);
-    const y = words(enc ? this.data.encrypt(xb) : this.data.decrypt(xb)).w;
-    for (let i = 0; i < nw; i++) b[i] = y[i]! ^ t[i]!;
+    xorTweaks(b, b, t0, n);
+    const yb = new Uint8Array(b.buffer, b.byteOffset, b.length * 4);
+    const y = words(enc ? this.data.encrypt(yb) : this.data.decrypt(yb)).w;
+    xorTweaks(b, y, t0, n);
     wordsBack(buf, vb);
   }
 
@@ -210,7 +210,7 @@ class AesSectorCipher implements SectorCipher {
     let prev = words(this.ivs(first, n)).w;
     const vb = words(buf);
     const b = vb.w;
-    const tmp = new Uint32Array(n * 4);
+    const tmp = new Int32Array(n * 4);
     const sw = SECTOR_SIZE / 4;
     for (let j = 0; j < BLOCKS_PER_SECTOR; j++) {
       const count = j < lastBlocks ? n : n - 1;
@@ -239,45 +239,61 @@ class AesSectorCipher implements SectorCipher {
 }
 
 /**
- * Per-block XTS tweaks: block 0 of sector s gets the encrypted IV, each next block the previous
- * tweak multiplied by x in GF(2^128) (little-endian bit order, reduction 0x87).
+ * dst = src XOR the per-block XTS tweaks: block 0 of sector s gets the encrypted IV `t0[s]`, each
+ * next block the previous tweak multiplied by x in GF(2^128) (little-endian bit order, reduction
+ * 0x87). Words are host order; on big-endian hosts they are swapped around the arithmetic.
  */
-function fillTweaks(t: Uint32Array, t0: Uint32Array, n: number): void {
+function xorTweaks(dst: Int32Array, src: Int32Array, t0: Int32Array, n: number): void {
+  if (!LITTLE_ENDIAN) {
+    xorTweaksBE(dst, src, t0, n);
+    return;
+  }
   const sw = SECTOR_SIZE / 4;
+  const len = dst.length;
   for (let s = 0; s < n; s++) {
-    const base = s * sw;
-    const end = Math.min(base + sw, t.length);
     let w0 = t0[s * 4]!;
     let w1 = t0[s * 4 + 1]!;
     let w2 = t0[s * 4 + 2]!;
     let w3 = t0[s * 4 + 3]!;
-    if (!LITTLE_ENDIAN) {
-      w0 = bswap(w0);
-      w1 = bswap(w1);
-      w2 = bswap(w2);
-      w3 = bswap(w3);
-    }
+    const base = s * sw;
+    const end = Math.min(base + sw, len);
     for (let i = base; i < end; i += 4) {
-      if (LITTLE_ENDIAN) {
-        t[i] = w0;
-        t[i + 1] = w1;
-        t[i + 2] = w2;
-        t[i + 3] = w3;
-      } else {
-        t[i] = bswap(w0);
-        t[i + 1] = bswap(w1);
-        t[i + 2] = bswap(w2);
-        t[i + 3] = bswap(w3);
-      }
-      const carry = w3 >>> 31;
-      w3 = ((w3 << 1) | (w2 >>> 31)) >>> 0;
-      w2 = ((w2 << 1) | (w1 >>> 31)) >>> 0;
-      w1 = ((w1 << 1) | (w0 >>> 31)) >>> 0;
-      w0 = ((w0 << 1) ^ (carry * 0x87)) >>> 0;
+      dst[i] = src[i]! ^ w0;
+      dst[i + 1] = src[i + 1]! ^ w1;
+      dst[i + 2] = src[i + 2]! ^ w2;
+      dst[i + 3] = src[i + 3]! ^ w3;
+      const carry = w3 >> 31; // 0 or -1
+      w3 = (w3 << 1) | (w2 >>> 31);
+      w2 = (w2 << 1) | (w1 >>> 31);
+      w1 = (w1 << 1) | (w0 >>> 31);
+      w0 = (w0 << 1) ^ (carry & 0x87);
+    }
+  }
+}
+
+function xorTweaksBE(dst: Int32Array, src: Int32Array, t0: Int32Array, n: number): void {
+  const sw = SECTOR_SIZE / 4;
+  for (let s = 0; s < n; s++) {
+    let w0 = bswap(t0[s * 4]!);
+    let w1 = bswap(t0[s * 4 + 1]!);
+    let w2 = bswap(t0[s * 4 + 2]!);
+    let w3 = bswap(t0[s * 4 + 3]!);
+    const base = s * sw;
+    const end = Math.min(base + sw, dst.length);
+    for (let i = base; i < end; i += 4) {
+      dst[i] = src[i]! ^ bswap(w0);
+      dst[i + 1] = src[i + 1]! ^ bswap(w1);
+      dst[i + 2] = src[i + 2]! ^ bswap(w2);
+      dst[i + 3] = src[i + 3]! ^ bswap(w3);
+      const carry = w3 >> 31;
+      w3 = (w3 << 1) | (w2 >>> 31);
+      w2 = (w2 << 1) | (w1 >>> 31);
+      w1 = (w1 << 1) | (w0 >>> 31);
+      w0 = (w0 << 1) ^ (carry & 0x87);
     }
   }
 }
 
 function bswap(x: number): number {
-  return (((x & 0xff) << 24) | ((x & 0xff00) << 8) | ((x >>> 8) & 0xff00) | (x >>> 24)) >>> 0;
+  return ((x & 0xff) << 24) | ((x & 0xff00) << 8) | ((x >>> 8) & 0xff00) | (x >>> 24);
 }

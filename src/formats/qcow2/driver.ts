@@ -550,6 +550,7 @@ export class Qcow2Driver implements BlockDriver {
 
   /** Store a compressed cluster (data already compressed with the image's compression type). */
   async writeCompressed(offset: number, compressed: Uint8Array): Promise<void> {
+    if (this.header.cryptMethod !== C.CRYPT_NONE) throw new QcowError('ENOTSUP', 'Compression and encryption not supported at the same time');
     if (offset % this.g.clusterSize) throw new QcowError('EINVAL', 'Compressed writes must be cluster aligned');
     await this.writable(offset, Math.min(this.g.clusterSize, this.size - offset)).writeCompressed(offset, compressed);
   }
@@ -678,10 +679,8 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   async actualSize(): Promise<number | undefined> {
-    if (!this.io.allocatedSize) return undefined;
-    let n = await this.io.allocatedSize();
-    if (this.dataIO !== this.io && this.dataIO.allocatedSize) n += await this.dataIO.allocatedSize();
-    return n;
+    // qemu-img 7.2 counts the qcow2 file only, not an external data file.
+    return this.io.allocatedSize ? this.io.allocatedSize() : undefined;
   }
 }
 

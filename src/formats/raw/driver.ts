@@ -2,6 +2,7 @@
 import type { BlockDriver, DriverInfo, Extent } from '../../core/block-driver.js';
 import { readInto, type ByteIO } from '../../core/byte-io.js';
 import { QcowError } from '../../core/errors.js';
+import { alignUp } from '../../core/util.js';
 
 const ZERO_CHUNK = 1 << 20;
 
@@ -18,7 +19,9 @@ export class RawDriver implements BlockDriver {
   }
 
   static async open(io: ByteIO, opts: { readOnly: boolean }): Promise<RawDriver> {
-    return new RawDriver(io, await io.size(), opts.readOnly);
+    // Like QEMU, the virtual size is the file size rounded up to whole 512-byte sectors (the
+    // tail past the end of the file reads as zeros).
+    return new RawDriver(io, alignUp(await io.size(), 512), opts.readOnly);
   }
 
   get filename(): string {
