@@ -11,6 +11,7 @@ import { closeAll, openForCli, resolveImageArg, secretsFromObjects } from './ope
 import type { Io } from './output.js';
 import { ProgressPrinter } from './progress.js';
 import { RawFileTarget } from './raw-target.js';
+import { convertToImage } from './convert-image.js';
 
 /** Formats qemu-img 7.2 knows; converting to any but raw is a later qcowkit feature. */
 const KNOWN_FORMATS = new Set([
@@ -27,6 +28,7 @@ interface ConvertArgs {
   targetIsZero: boolean;
   compress: boolean;
   backing?: string;
+  backingFormat?: string;
   createOpts: string[];
   snapshot?: { id?: string; name?: string };
   minSparse: number;
@@ -52,7 +54,7 @@ export function parseSnapshotParam(text: string): { id?: string; name?: string }
 
 function parseArgs(argv: string[]): { args: ConvertArgs; operands: string[] } {
   const { options, operands } = getopt(argv, {
-    short: ':hf:O:B:Cco:l:S:pt:T:qnm:WUr:',
+    short: ':hf:O:B:F:Cco:l:S:pt:T:qnm:WUr:',
     long: {
       help: false,
       object: true,
@@ -76,6 +78,7 @@ function parseArgs(argv: string[]): { args: ConvertArgs; operands: string[] } {
       case 'f': a.format = v; break;
       case 'O': a.outFormat = v; break;
       case 'B': a.backing = v; break;
+      case 'F': a.backingFormat = v; break;
       case 'c': a.compress = true; break;
       case 'o': a.createOpts.push(v); break;
       case 'l': a.snapshot = parseSnapshotParam(v); break;
@@ -192,6 +195,34 @@ async function convertTo(a: ConvertArgs, sources: BlockDriver[], dstArg: string,
   const outFormat = a.targetImageOpts ? resolveImageArg(dstArg, { imageOpts: true }).format ?? 'raw' : a.outFormat ?? 'raw';
   const dstFile = a.targetImageOpts ? resolveImageArg(dstArg, { imageOpts: true }).filename : dstArg;
   if (!KNOWN_FORMATS.has(outFormat)) throw new CliError(`Unknown file format '${outFormat}'`);
+  if (outFormat === 'qcow2' || outFormat === 'qcow') {
+    if (a.bitmaps) throw new CliError('convert --bitmaps is not supported yet');
+    for (const src of sources) {
+      for (let d: BlockDriver | undefined = src; d; d = d.backing) {
+        if (await sameFile(dstFile, d.filename)) {
+          throw new CliError(`${dstArg}: error while converting ${outFormat}: Failed to get "write" lock\nIs another process using the image [${dstFile}]?`);
+        }
+      }
+    }
+    return convertToImage(
+      {
+        outFormat,
+        dstFile,
+        dstArg,
+        createOpts: a.createOpts,
+        ...(a.backing !== undefined ? { backing: a.backing } : {}),
+        ...(a.backingFormat !== undefined ? { backingFormat: a.backingFormat } : {}),
+        compress: a.compress,
+        skipCreate: a.skipCreate,
+        targetIsZero: a.targetIsZero,
+        minSparse: a.minSparse,
+        coroutines: a.coroutines,
+        progress: a.progress,
+      },
+      sources,
+      io,
+    );
+  }
   if (outFormat !== 'raw') throw new CliError(`convert -O ${outFormat} is not supported yet`);
   if (a.compress) throw new CliError('Compression not supported for this file format');
   if (a.backing !== undefined) throw new CliError("Backing file not supported for file format 'raw'");

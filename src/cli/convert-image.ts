@@ -1,0 +1,144 @@
+/**
+ * `convert -O qcow2|qcow`: create the target (qemu-img's layout and -o options; -B makes it an
+ * overlay), open it read-write and copy — sparse, compressed with -c in the worker pool, or, with
+ * -B, only what differs from the new backing chain. A failed convert removes what it created.
+ */
+import { promises as fsp } from 'node:fs';
+import type { BlockDriver } from '../core/block-driver.js';
+import { bytesEqual } from '../core/util.js';
+import { openImage } from '../block/open.js';
+import { fileProvider, FileIO } from '../io/file.js';
+import { CompressPool } from '../codecs/pool.js';
+import { createImage } from '../ops/create.js';
+import { ConvertFailure, convertImages, convertedSize, driverTarget, type ConvertTarget } from '../ops/convert.js';
+import { convertCompressed } from '../ops/convert-compressed.js';
+import { createQcow } from '../formats/qcow/create.js';
+import { CliError, messageOf } from './errors.js';
+import type { Io } from './output.js';
+import { ProgressPrinter } from './progress.js';
+
+export interface ImageConvertArgs {
+  outFormat: 'qcow2' | 'qcow';
+  dstFile: string;
+  dstArg: string;
+  createOpts: string[];
+  backing?: string;
+  backingFormat?: string;
+  compress: boolean;
+  skipCreate: boolean;
+  targetIsZero: boolean;
+  minSparse: number;
+  coroutines: number;
+  progress: boolean;
+}
+
+interface Compressible extends BlockDriver {
+  writeCompressed(offset: number, data: Uint8Array): Promise<void>;
+  header?: { compressionType: number };
+  g?: { clusterSize: number };
+}
+
+/** Writes only what differs from the target's backing chain (convert -B). */
+function diffTarget(drv: BlockDriver): ConvertTarget {
+  const b = drv.backing!;
+  const readBacking = async (offset: number, len: number) => {
+    const buf = new Uint8Array(len);
+    const n = Math.max(0, Math.min(len, b.size - offset));
+    if (n) await b.readInto(buf.subarray(0, n), offset);
+    return buf;
+  };
+  return {
+    zeroInit: false,
+    async write(offset, data) {
+      const old = await readBacking(offset, data.length);
+      for (let s = 0; s < data.length; ) {
+        const e = Math.min(data.length, s + 65536);
+        if (!bytesEqual(old.subarray(s, e), data.subarray(s, e))) await drv.write(offset + s, data.subarray(s, e));
+        s = e;
+      }
+    },
+    async writeZeroes(offset, length) {
+      for (let s = 0; s < length; ) {
+        const n = Math.min(length - s, 4 << 20);
+        const old = await readBacking(offset + s, n);
+        if (!old.every((x) => x === 0)) await drv.writeZeroes(offset + s, n);
+        s += n;
+      }
+    },
+    flush: () => drv.flush(),
+  };
+}
+
+export async function convertToImage(a: ImageConvertArgs, sources: BlockDriver[], io: Io): Promise<number> {
+  const total = convertedSize(sources);
+  let created = false;
+  let target: BlockDriver | undefined;
+  try {
+    if (!a.skipCreate) {
+      if (a.outFormat === 'qcow2') {
+        await createImage(
+          {
+            filename: a.dstFile,
+            format: 'qcow2',
+            size: BigInt(total),
+            options: a.createOpts,
+            ...(a.backing !== undefined ? { backingFile: a.backing } : {}),
+            ...(a.backingFormat !== undefined ? { backingFormat: a.backingFormat } : {}),
+          },
+          fileProvider,
+        );
+      } else {
+        if (a.createOpts.length) throw new CliError('convert -O qcow does not take -o options yet');
+        const file = await FileIO.create(a.dstFile);
+        try {
+          await createQcow(file, { size: total, ...(a.backing !== undefined ? { backingFile: a.backing } : {}) });
+        } finally {
+          await file.close();
+        }
+      }
+      created = true;
+    }
+    target = await openImage(a.dstFile, { io: fileProvider, readOnly: false, format: a.outFormat });
+    if (target.size < total) throw new CliError('output file is smaller than input file');
+    const bar = new ProgressPrinter(io.out, a.progress, 1.0, 'absolute');
+    const drv = target as Compressible;
+    if (a.compress) {
+      if (typeof drv.writeCompressed !== 'function') throw new CliError('Compression not supported for this file format');
+      if (target.info().encrypted) throw new CliError('Compression and encryption not supported at the same time');
+      const zstd = drv.header?.compressionType === 1;
+      const pool = new CompressPool(zstd ? 'zstd' : 'zlib');
+      try {
+        await convertCompressed(
+          sources,
+          {
+            clusterSize: target.info().clusterSize!,
+            writeCompressed: (o, d) => drv.writeCompressed(o, d),
+            write: (o, d) => drv.write(o, d),
+            flush: () => drv.flush(),
+          },
+          (data, limit) => pool.compress(data, limit),
+          { inFlight: pool.inFlightLimit, ...(a.progress ? { onProgress: bar.report } : {}) },
+        );
+      } finally {
+        await pool.close();
+      }
+    } else {
+      const t = target.backing ? diffTarget(target) : driverTarget(target, (created && !target.backing) || a.targetIsZero);
+      await convertImages(sources, t, {
+        minSparse: a.minSparse,
+        concurrency: a.coroutines,
+        ...(a.progress ? { onProgress: bar.report } : {}),
+      });
+    }
+    await target.close();
+    target = undefined;
+    bar.end();
+    return 0;
+  } catch (e) {
+    if (target) await target.close().catch(() => {});
+    if (created) await fsp.rm(a.dstFile, { force: true }).catch(() => {});
+    if (e instanceof CliError) throw e;
+    if (e instanceof ConvertFailure) throw new CliError(e.message);
+    throw new CliError(`${a.dstArg}: error while converting ${a.outFormat}: ${messageOf(e)}`);
+  }
+}
