@@ -63,6 +63,37 @@ export const CASES = [
     target: { seconds: 1 },
   },
 
+  // ---- write path (issue: write path) ------------------------------------------------
+  {
+    id: 'convert-raw-qcow2',
+    name: 'raw → qcow2',
+    required: true,
+    setup: async (ctx) => ({ src: await ctx.inputs.get('raw') }),
+    output: 'qcow2',
+    qemu: (p) => ['convert', '-f', 'raw', '-O', 'qcow2', p.src.path, p.out],
+    verify: 'image-compare',
+    target: { ratio: 1.0 },
+  },
+  {
+    id: 'convert-raw-qcow2-c',
+    name: 'raw → qcow2 -c (zlib)',
+    required: true,
+    setup: async (ctx) => ({ src: await ctx.inputs.get('raw') }),
+    output: 'qcow2',
+    qemu: (p) => ['convert', '-c', '-f', 'raw', '-O', 'qcow2', p.src.path, p.out],
+    verify: 'image-compare',
+    target: { ratio: 0.6 },
+  },
+  {
+    id: 'check-qcow2',
+    name: 'check, 1 GiB half allocated',
+    required: true,
+    setup: async (ctx) => ({ src: await ctx.inputs.get('qcow2') }),
+    qemu: (p) => ['check', p.src.path],
+    verify: 'stdout',
+    target: { ratio: 1.5 },
+  },
+
   // ---- extras (no target from the issue; informative) ---------------------
   {
     id: 'map-json-64t',

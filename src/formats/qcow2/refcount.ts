@@ -162,6 +162,8 @@ export class Refcounts {
   private async createBlock(rt: number): Promise<void> {
     if (rt >= this.table.length) await this.growTable(rt + 1);
     for (;;) {
+      // Growing the table (or a nested call) may already have given this range its block.
+      if (this.table[rt]) return;
       const c = await this.findFree(1, this.freeHint);
       const selfRt = Math.floor(c / this.entriesPerBlock);
       if (selfRt !== rt && !this.table[selfRt]) {
