@@ -308,6 +308,8 @@ export class Refcounts {
       }
       await this.host.io.write(buf, this.host.reftableOffset + s * 512);
     }
+    // Nothing may point into a new block's range before its table entry is durable.
+    await this.host.io.flush();
   }
 
   /**
