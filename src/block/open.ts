@@ -29,8 +29,9 @@ export async function probeFormat(io: ByteIO): Promise<string> {
     const dv = new DataView(head.buffer);
     if (dv.getUint32(0) === 0x514649fb) {
       const v = dv.getUint32(4);
-      if (v === 2 || v === 3) return 'qcow2';
+      // As QEMU probes: version 1 is qcow, anything newer is qcow2 (which then names the version).
       if (v === 1) return 'qcow';
+      if (v >= 2) return 'qcow2';
     }
   }
   return 'raw';

@@ -77,11 +77,13 @@ export class Qcow2Driver implements BlockDriver {
       await repairDirty(io, {});
     }
     const fileSize = await io.size();
-    const head = new Uint8Array(Math.min(fileSize, C.V3_HEADER_LENGTH_WITH_COMPRESSION));
+    // Bytes past the end of a short file read as zeros, as QEMU reads them.
+    if (fileSize < 8) throw new QcowError('ECORRUPT', 'Image is not in qcow2 format');
+    const head = new Uint8Array(C.V3_HEADER_LENGTH_WITH_COMPRESSION);
     await readInto(io, head, 0);
     let header = decodeHeader(head);
     const clusterSize = 2 ** header.clusterBits;
-    const cluster0 = new Uint8Array(Math.min(fileSize, clusterSize));
+    const cluster0 = new Uint8Array(clusterSize);
     await readInto(io, cluster0, 0);
     header = decodeHeader(cluster0);
     decodeExtensions(header, cluster0);
@@ -143,8 +145,13 @@ export class Qcow2Driver implements BlockDriver {
     if (hasDataFile) {
       const name = opts.dataFile ?? header.dataFile;
       if (name !== undefined) {
-        dataIO = await opts.provider.open(opts.dataFile ? name : opts.provider.resolve(io.name, name), { readOnly: opts.readOnly });
-        dataFileOpened = true;
+        try {
+          dataIO = await opts.provider.open(opts.dataFile ? name : opts.provider.resolve(io.name, name), { readOnly: opts.readOnly });
+          dataFileOpened = true;
+        } catch (e) {
+          // Metadata-only opens (info, like qemu-img's no-I/O open) work without the data file.
+          if (!opts.noBacking || !opts.readOnly) throw e;
+        }
       } else if (!opts.readOnly) {
         throw new QcowError('EINVAL', "'data-file' is required for this image");
       }
