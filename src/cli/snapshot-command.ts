@@ -1,10 +1,12 @@
 /**
  * `qcowkit snapshot [--object OBJ] [--image-opts] [-U] [-q] [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE`:
  * qemu-img 7.2's internal snapshot command — list, create, apply (revert to) and delete, with its
- * messages and exit codes. (qemu-img's snapshot takes no -f: the format is always probed.)
+ * messages and exit codes. As in qemu-img: there is no -f (the format is always probed); -a finds
+ * the snapshot by ID, then by name, -d by name only; -U is only for -l.
  */
 import type { BlockDriver } from '../core/block-driver.js';
 import { QcowError } from '../core/errors.js';
+import { entryOffset } from '../formats/qcow2/cluster-map.js';
 import { Qcow2Driver } from '../formats/qcow2/driver.js';
 import { SnapshotOps } from '../formats/qcow2/snapshot.js';
 import { snapshotToJson } from '../ops/info.js';
@@ -16,6 +18,43 @@ import type { Io } from './output.js';
 import { errnoOf, openWritable, rawProbeWarning } from './toolbox-common.js';
 
 type Action = 'list' | 'apply' | 'create' | 'delete';
+
+/**
+ * Whether taking a snapshot would push a refcount past the image's refcount width: the snapshot
+ * adds one reference to every L2 table and data cluster of the active state (one per compressed
+ * cluster on the host clusters its data touches).
+ */
+async function wouldOverflow(drv: Qcow2Driver): Promise<boolean> {
+  const bits = 2 ** drv.header.refcountOrder;
+  if (bits >= 32) return false;
+  const max = 2 ** bits - 1;
+  const w = drv.writer!;
+  const cs = drv.g.clusterSize;
+  const adds = new Map<number, number>();
+  const add = (c: number) => adds.set(c, (adds.get(c) ?? 0) + 1);
+  const l1 = drv.activeL1;
+  const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+  for (let i = 0; i < l1.length / 8; i++) {
+    const l2 = entryOffset(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4));
+    if (!l2) continue;
+    add(l2 / cs);
+    for (let k = 0; k < drv.g.l2Entries; k++) {
+      const e = await w.getEntry(l2, k);
+      if (e.hi & 0x40000000) {
+        const x = 70 - drv.g.clusterBits;
+        const coff = (e.hi & ((1 << (x - 32)) - 1)) * 0x100000000 + (e.lo >>> 0);
+        const sectors = ((e.hi >>> (x - 32)) & ((1 << (drv.g.clusterBits - 8)) - 1)) + 1;
+        const start = coff - (coff % 512);
+        for (let c = Math.floor(start / cs); c <= Math.floor((start + sectors * 512 - 1) / cs); c++) add(c);
+        continue;
+      }
+      const host = entryOffset(e.hi, e.lo);
+      if (host && !drv.g.dataFile) add(host / cs);
+    }
+  }
+  for (const [c, n] of adds) if ((await w.refcounts.get(c)) + n > max) return true;
+  return false;
+}
 
 /** The snapshot list as qemu-img prints it (nothing at all when there are no snapshots). */
 export function snapshotListText(drv: BlockDriver): string {
@@ -38,6 +77,7 @@ export async function cmdSnapshot(argv: string[], io: Io): Promise<number> {
   let action: Action | undefined;
   let name = '';
   let imageOpts = false;
+  let forceShare = false;
   const set = (a: Action, v = '') => {
     if (action !== undefined) throw new UsageError("Cannot mix '-l', '-a', '-c', '-d'");
     action = a;
@@ -63,8 +103,12 @@ export async function cmdSnapshot(argv: string[], io: Io): Promise<number> {
       case 'image-opts':
         imageOpts = true;
         break;
+      case 'U':
+      case 'force-share':
+        forceShare = true;
+        break;
       default:
-        break; // -q (nothing to print anyway), -U, --object
+        break; // -q (nothing to print anyway), --object
     }
   }
   if (operands.length !== 1) throw new UsageError('Expecting one image file name');
@@ -80,6 +124,7 @@ export async function cmdSnapshot(argv: string[], io: Io): Promise<number> {
     return 0;
   }
 
+  if (forceShare) throw new CliError(`Could not open '${file}': force-share=on can only be used with read-only images`);
   const drv = await openWritable(file, { imageOpts }, io);
   try {
     const ops = drv instanceof Qcow2Driver && drv.writer ? new SnapshotOps(drv, drv.writer) : undefined;
@@ -88,6 +133,11 @@ export async function cmdSnapshot(argv: string[], io: Io): Promise<number> {
         if (!ops) throw new CliError(`Could not create snapshot '${name}': -95 (Operation not supported)`);
         if (drv instanceof Qcow2Driver && drv.g.dataFile) {
           throw new CliError(`Could not create snapshot '${name}': -95 (Operation not supported)`);
+        }
+        // Refcounts too narrow for one more reference (refcount_bits=1 with data): refused by
+        // qemu-img with EINVAL; checked first so the image is left as it was.
+        if (drv instanceof Qcow2Driver && (await wouldOverflow(drv))) {
+          throw new CliError(`Could not create snapshot '${name}': -22 (Invalid argument)`);
         }
         try {
           await ops.create({ name, ...nowForSnapshot() });
@@ -109,7 +159,7 @@ export async function cmdSnapshot(argv: string[], io: Io): Promise<number> {
           throw new CliError(msg.startsWith('Could not apply snapshot') ? msg : `Could not apply snapshot '${name}': ${msg}`);
         }
         break;
-      case 'delete':
+      case 'delete': {
         // qemu-img finds the snapshot to delete by name only (bdrv_snapshot_find), then deletes it by ID.
         const sn = drv instanceof Qcow2Driver ? drv.snapshots.find((s) => s.name === name) : undefined;
         if (!ops || !sn) throw new CliError(`Could not delete snapshot '${name}': snapshot not found`);
@@ -120,6 +170,7 @@ export async function cmdSnapshot(argv: string[], io: Io): Promise<number> {
           throw new CliError(msg.startsWith('Could not delete snapshot') ? msg : `Could not delete snapshot '${name}': ${msg}`);
         }
         break;
+      }
       default:
         break; // no action: qemu-img opens the image and does nothing
     }
