@@ -23,6 +23,7 @@ import { CliError, HelpRequested, UsageError, messageOf } from './errors.js';
 import { getopt } from './getopt.js';
 import { resolveImageArg, secretsFromObjects } from './open.js';
 import { openDataCipher } from '../formats/crypto/qcow2.js';
+import { registerNodeCrypto } from '../codecs/crypto-node.js';
 import type { Qcow2Header } from '../formats/qcow2/header.js';
 import { processIo, type Io } from './output.js';
 
@@ -125,6 +126,7 @@ export async function runCheck(argv: string[], io: Io = processIo()): Promise<nu
       if (!secrets?.has(spec.keySecret)) throw new CliError(`Could not open '${arg}': No secret with id '${spec.keySecret}'`);
       // ...and the key must unlock it (a wrong password fails the open, as in qemu-img).
       try {
+        registerNodeCrypto();
         await openDataCipher(header, file, { readOnly: true, secrets, keySecret: spec.keySecret });
       } catch (e) {
         throw new CliError(`Could not open '${arg}': ${messageOf(e)}`);
