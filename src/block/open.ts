@@ -37,6 +37,18 @@ export async function probeFormat(io: ByteIO): Promise<string> {
   return 'raw';
 }
 
+/** Collapse `.` and `dir/..` segments so one file reached by different names is seen once. */
+function normalizePath(p: string): string {
+  const abs = p.startsWith('/');
+  const out: string[] = [];
+  for (const part of p.split('/')) {
+    if (part === '' || part === '.') continue;
+    if (part === '..' && out.length && out[out.length - 1] !== '..') out.pop();
+    else if (part !== '..' || !abs) out.push(part);
+  }
+  return (abs ? '/' : '') + out.join('/');
+}
+
 export async function openImage(filename: string, opts: OpenImageOptions): Promise<BlockDriver> {
   return openInChain(filename, opts, { seen: new Set(), depth: 0 });
 }
@@ -45,10 +57,11 @@ async function openInChain(filename: string, opts: OpenImageOptions, chain: Chai
   if (chain.depth > MAX_BACKING_CHAIN_DEPTH) {
     throw new QcowError('EINVAL', `Backing chain of '${filename}' is deeper than ${MAX_BACKING_CHAIN_DEPTH} images`);
   }
-  if (chain.seen.has(filename)) {
+  const key = normalizePath(filename);
+  if (chain.seen.has(key)) {
     throw new QcowError('EINVAL', `Backing file '${filename}' creates an infinite loop`);
   }
-  chain.seen.add(filename);
+  chain.seen.add(key);
   const readOnly = opts.readOnly ?? true;
   const io = await opts.io.open(filename, { readOnly });
   try {

@@ -105,8 +105,10 @@ export const fileProvider: IOProvider = {
   open: (name, opts) => FileIO.open(name, opts),
   create: (name) => FileIO.create(name),
   resolve(base: string, name: string): string {
+    // QEMU's path_combine: the folder part of `base` + name, not normalised (names show as such).
     if (path.isAbsolute(name)) return name;
-    return path.join(path.dirname(base), name);
+    const i = base.lastIndexOf('/');
+    return i < 0 ? name : base.slice(0, i + 1) + name;
   },
   async remove(name: string) {
     await fsp.rm(name, { force: true });
