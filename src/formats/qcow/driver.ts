@@ -9,6 +9,7 @@
  * A crash therefore loses at most the writes since the last flush and leaves only unreferenced
  * space behind (qcow has no refcounts, so that is harmless).
  */
+import { pushExtent as push } from '../../core/extents.js';
 import type { BlockDriver, DriverInfo, Extent, OpenOptions } from '../../core/block-driver.js';
 import { readFully, readInto, type ByteIO, type IOProvider } from '../../core/byte-io.js';
 import { QcowError } from '../../core/errors.js';
@@ -625,20 +626,3 @@ function joinViews(views: Uint8Array[], len: number): Uint8Array {
   return out;
 }
 
-function push(out: Extent[], e: Extent): void {
-  const last = out[out.length - 1];
-  if (
-    last &&
-    last.kind === e.kind &&
-    last.depth === e.depth &&
-    last.file === e.file &&
-    last.zeroData === e.zeroData &&
-    last.offset + last.length === e.offset &&
-    (last.hostOffset === undefined) === (e.hostOffset === undefined) &&
-    (last.hostOffset === undefined || last.hostOffset + last.length === e.hostOffset)
-  ) {
-    last.length += e.length;
-    return;
-  }
-  out.push(e);
-}

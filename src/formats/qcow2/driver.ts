@@ -2,6 +2,7 @@
  * The qcow2 BlockDriver: opens an image (header, extensions, L1, snapshots, backing, data file)
  * and serves reads and block status through the cluster map.
  */
+import { pushExtent as push } from '../../core/extents.js';
 import type { BlockDriver, DriverInfo, Extent, OpenOptions } from '../../core/block-driver.js';
 import { readInto, type ByteIO, type IOProvider } from '../../core/byte-io.js';
 import { QcowError } from '../../core/errors.js';
@@ -699,23 +700,6 @@ async function isDirtyV3(io: ByteIO): Promise<boolean> {
   return dv.getUint32(0) === C.QCOW_MAGIC && dv.getUint32(4) === 3 && (dv.getBigUint64(72) & C.INCOMPAT_DIRTY) !== 0n;
 }
 
-function push(out: Extent[], e: Extent): void {
-  const last = out[out.length - 1];
-  if (
-    last &&
-    last.kind === e.kind &&
-    last.depth === e.depth &&
-    last.file === e.file &&
-    last.zeroData === e.zeroData &&
-    last.offset + last.length === e.offset &&
-    (last.hostOffset === undefined) === (e.hostOffset === undefined) &&
-    (last.hostOffset === undefined || last.hostOffset + last.length === e.hostOffset)
-  ) {
-    last.length += e.length;
-    return;
-  }
-  out.push(e);
-}
 
 async function readChecked(io: ByteIO, offset: number, length: number): Promise<Uint8Array> {
   const buf = new Uint8Array(length);
