@@ -4,7 +4,7 @@
  */
 import { pushExtent as push } from '../../core/extents.js';
 import type { BlockDriver, DriverInfo, Extent, OpenOptions } from '../../core/block-driver.js';
-import { readInto, type ByteIO, type IOProvider } from '../../core/byte-io.js';
+import { readFully, readInto, type ByteIO, type IOProvider } from '../../core/byte-io.js';
 import { QcowError } from '../../core/errors.js';
 import { codecs } from '../../codecs/registry.js';
 import * as C from './constants.js';
@@ -104,7 +104,7 @@ export class Qcow2Driver implements BlockDriver {
       throw new QcowError('ECORRUPT', 'Snapshot table is past the end of the file');
     }
     const snapshots = await readSnapshotTable(
-      (off, len) => readChecked(io, off, len),
+      (off, len) => readFully(io, off, len),
       header.snapshotsOffset,
       header.nbSnapshots,
       { version: header.version, fileSize },
@@ -133,12 +133,12 @@ export class Qcow2Driver implements BlockDriver {
       // ranges past the snapshot's L1 table read as unallocated.
       size = header.size;
     }
-    const l1 = await readChecked(io, l1Offset, l1Size * 8);
+    const l1 = await readFully(io, l1Offset, l1Size * 8);
     let bitmaps: BitmapDirectoryEntry[] = [];
     if (header.bitmaps && header.autoclearFeatures & AUTOCLEAR_BITMAPS) {
       const b = header.bitmaps;
       if (!inFile(b.directoryOffset, b.directorySize)) throw new QcowError('ECORRUPT', 'Bitmap directory is past the end of the file');
-      bitmaps = decodeBitmapDirectory(await readChecked(io, b.directoryOffset, b.directorySize), b.nbBitmaps, clusterSize);
+      bitmaps = decodeBitmapDirectory(await readFully(io, b.directoryOffset, b.directorySize), b.nbBitmaps, clusterSize);
     }
 
     let dataIO = io;
@@ -242,7 +242,7 @@ export class Qcow2Driver implements BlockDriver {
       this.fileSize = end;
       if (offset + length > end) throw corruption(`${what} at offset 0x${offset.toString(16)} is past the end of the file`);
     }
-    return readChecked(this.io, offset, length);
+    return readFully(this.io, offset, length);
   }
 
   private checkRange(offset: number, length: number) {
@@ -698,11 +698,4 @@ async function isDirtyV3(io: ByteIO): Promise<boolean> {
   await readInto(io, head, 0);
   const dv = new DataView(head.buffer);
   return dv.getUint32(0) === C.QCOW_MAGIC && dv.getUint32(4) === 3 && (dv.getBigUint64(72) & C.INCOMPAT_DIRTY) !== 0n;
-}
-
-
-async function readChecked(io: ByteIO, offset: number, length: number): Promise<Uint8Array> {
-  const buf = new Uint8Array(length);
-  await readInto(io, buf, offset);
-  return buf;
 }

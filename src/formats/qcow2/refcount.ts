@@ -5,7 +5,7 @@
  * Crash safety: increments may reach the disk early (a crash then leaks), decrements are queued and
  * applied only after the references they drop are durable (see Qcow2Writer.flush).
  */
-import type { ByteIO } from '../../core/byte-io.js';
+import { readInto, type ByteIO } from '../../core/byte-io.js';
 import { QcowError } from '../../core/errors.js';
 import { corruption, entryOffset } from './cluster-map.js';
 import { QCOW_MAX_REFTABLE_SIZE } from './constants.js';
@@ -92,7 +92,7 @@ export class Refcounts {
   static async load(host: RefcountHost): Promise<Refcounts> {
     const cs = 2 ** host.clusterBits;
     const raw = new Uint8Array(host.reftableClusters * cs);
-    await readAll(host.io, raw, host.reftableOffset);
+    await readInto(host.io, raw, host.reftableOffset);
     const dv = new DataView(raw.buffer);
     const table: number[] = [];
     for (let i = 0; i < raw.length / 8; i++) {
@@ -118,7 +118,7 @@ export class Refcounts {
     let b = this.blocks.get(off);
     if (!b) {
       b = new Uint8Array(this.cs);
-      await readAll(this.host.io, b, off);
+      await readInto(this.host.io, b, off);
       this.blocks.set(off, b);
       this.evict();
     }
@@ -349,17 +349,5 @@ export class Refcounts {
     await this.host.io.flush();
     this.tableDirty.clear();
     this.free(oldOffset / cs, oldClusters);
-  }
-}
-
-async function readAll(io: ByteIO, buf: Uint8Array, offset: number): Promise<void> {
-  let done = 0;
-  while (done < buf.length) {
-    const n = await io.read(buf.subarray(done), offset + done);
-    if (n <= 0) {
-      buf.fill(0, done);
-      return;
-    }
-    done += n;
   }
 }
