@@ -22,6 +22,10 @@
 //
 // The peak-RSS target (200 MB) applies to every case (see run.mjs, --rss-target).
 
+import { CHECK_CASES } from './cases-check.mjs';
+import { LUKS_CASES } from './cases-luks.mjs';
+import { NBD_CASES } from './cases-nbd.mjs';
+
 export const CASES = [
   // ---- targets from the issue -------------------------------------------
   {
@@ -110,4 +114,7 @@ export const CASES = [
     qemu: (p) => ['map', '--output=json', p.src.path],
     verify: 'stdout',
   },
+  ...CHECK_CASES,
+  ...LUKS_CASES,
+  ...NBD_CASES,
 ];
