@@ -60,3 +60,30 @@ export async function readInto(io: ByteIO, buf: Uint8Array, offset: number): Pro
     done += n;
   }
 }
+
+/**
+ * QEMU's `cache=unsafe`: every file opened through the result ignores flush requests (writes still
+ * happen in the same order). For targets that are worthless until the command completes anyway,
+ * such as a fresh `convert` output, as qemu-img does by default.
+ */
+export function ignoringFlushes(provider: IOProvider): IOProvider {
+  const wrap = (io: ByteIO): ByteIO => ({
+    name: io.name,
+    readOnly: io.readOnly,
+    size: () => io.size(),
+    read: (buf, offset) => io.read(buf, offset),
+    write: (buf, offset) => io.write(buf, offset),
+    flush: async () => {},
+    truncate: (size) => io.truncate(size),
+    close: () => io.close(),
+    ...(io.dataRuns ? { dataRuns: (offset: number, length: number) => io.dataRuns!(offset, length) } : {}),
+    ...(io.allocatedSize ? { allocatedSize: () => io.allocatedSize!() } : {}),
+    ...(io.punchHole ? { punchHole: (offset: number, length: number) => io.punchHole!(offset, length) } : {}),
+  });
+  return {
+    ...provider,
+    resolve: (base, name) => provider.resolve(base, name),
+    open: async (name, opts) => wrap(await provider.open(name, opts)),
+    ...(provider.create ? { create: async (name: string) => wrap(await provider.create!(name)) } : {}),
+  };
+}

@@ -49,11 +49,41 @@ export interface Entry {
   blo: number; // bitmap low word (alloc bits)
 }
 
+/** A data write whose host clusters are chosen but whose L2 entries are not updated yet. */
+interface InflightRun {
+  /** Guest clusters [first, end). */
+  first: number;
+  end: number;
+  settled: Promise<void>;
+}
+
+/** One planned run (phase 1 of a write): where its data goes and what to record once written. */
+interface RunPlan {
+  /** Bytes of the caller's data this run consumes. */
+  consumed: number;
+  /** The bytes to write (the caller's data, or a padded copy) at `host`, guest offset `guest`. */
+  buf: Uint8Array;
+  host: number;
+  guest: number;
+  l2: number;
+  idx0: number;
+  firstCluster: number;
+  n: number;
+  /** In place: mark [from, to) written; else the replaced entries (new clusters at `host`). */
+  inPlace: boolean;
+  from: number;
+  to: number;
+  olds: Entry[];
+}
+
 export class Qcow2Writer {
   readonly refcounts: Refcounts;
   private l1Dirty = new Set<number>();
   private started = false;
   private lock: Promise<void> = Promise.resolve();
+  /** Guest data writes between planning and commit (their clusters are off limits to others). */
+  private readonly inflight = new Set<InflightRun>();
+  private exclusiveWaiting = 0;
   private readonly lazy: boolean;
 
   private constructor(private h: WriterHost, refcounts: Refcounts) {
@@ -82,17 +112,57 @@ export class Qcow2Writer {
     return new Qcow2Writer(h, rc);
   }
 
-  /** Run `fn` with exclusive access to metadata. */
+  /**
+   * Run `fn` with exclusive access to metadata, once no guest data write is in flight (so `fn`
+   * may change any mapping). Waiting exclusive operations hold back new data writes.
+   */
   async exclusive<T>(fn: () => Promise<T>): Promise<T> {
-    const prev = this.lock;
+    this.exclusiveWaiting++;
     let release!: () => void;
-    this.lock = new Promise((r) => (release = r));
-    await prev;
+    try {
+      for (;;) {
+        while (this.inflight.size) await Promise.all([...this.inflight].map((r) => r.settled));
+        release = await this.acquire();
+        if (!this.inflight.size) break;
+        release();
+      }
+    } finally {
+      if (--this.exclusiveWaiting === 0) this.openGate();
+    }
     try {
       return await fn();
     } finally {
       release();
     }
+  }
+
+  /** The metadata lock itself (FIFO). */
+  private async acquire(): Promise<() => void> {
+    const prev = this.lock;
+    let release!: () => void;
+    this.lock = new Promise((r) => (release = r));
+    await prev;
+    return release;
+  }
+
+  private gate?: { promise: Promise<void>; open: () => void };
+  private waitGate(): Promise<void> {
+    if (!this.gate) {
+      let open!: () => void;
+      const promise = new Promise<void>((r) => (open = r));
+      this.gate = { promise, open };
+    }
+    return this.gate.promise;
+  }
+  private openGate(): void {
+    this.gate?.open();
+    this.gate = undefined;
+  }
+
+  /** An in-flight run overlapping guest clusters [first, end), if any. */
+  private overlapping(first: number, end: number): InflightRun | undefined {
+    for (const r of this.inflight) if (r.first < end && first < r.end) return r;
+    return undefined;
   }
 
   private get cs(): number {
@@ -224,18 +294,84 @@ export class Qcow2Writer {
 
   // ---- writes ---------------------------------------------------------------------------
 
+  /**
+   * Write guest data. Each run (within one L2 table) is planned under the metadata lock (host
+   * clusters chosen, copy-on-write done), its data written without the lock so that concurrent
+   * requests overlap, then its L2 entries updated under the lock again. Data is thus written
+   * before anything points to it; clusters of a run in flight are off limits to other requests.
+   */
   async write(offset: number, data: Uint8Array): Promise<void> {
-    await this.exclusive(async () => {
-      await this.start();
-      await this.h.onGuestWrite?.(offset, data.length);
-      let pos = 0;
-      while (pos < data.length) pos += await this.writeRun(offset + pos, data.subarray(pos));
-      await this.maybeFlushMetadata();
-    });
+    let pos = 0;
+    while (pos < data.length) {
+      const { plan, run, done } = await this.planWrite(offset + pos, data.subarray(pos));
+      let failure: unknown;
+      try {
+        await this.writeData(plan.buf, plan.host, plan.guest);
+      } catch (e) {
+        failure = e;
+      }
+      const release = await this.acquire();
+      try {
+        if (failure === undefined) await this.commitRun(plan);
+        else if (!plan.inPlace && !this.dataFile) this.refcounts.free(plan.host / this.cs, plan.n);
+      } finally {
+        this.inflight.delete(run);
+        done();
+        try {
+          if (failure === undefined) await this.maybeFlushMetadata();
+        } finally {
+          release();
+        }
+      }
+      if (failure !== undefined) throw failure;
+      pos += plan.consumed;
+    }
   }
 
-  /** Write a prefix of `data` that stays within one L2 table; returns bytes written. */
+  /** Phase 1 of a write: wait for a free path, then plan one run and register it in flight. */
+  private async planWrite(offset: number, data: Uint8Array): Promise<{ plan: RunPlan; run: InflightRun; done: () => void }> {
+    const { g } = this.h;
+    const cs = this.cs;
+    const tableEnd = (Math.floor(offset / g.l1Coverage) + 1) * g.l1Coverage;
+    const first = Math.floor(offset / cs);
+    const end = Math.ceil((offset + Math.min(data.length, tableEnd - offset, MAX_BATCH_BYTES)) / cs);
+    for (;;) {
+      while (this.exclusiveWaiting) await this.waitGate();
+      const release = await this.acquire();
+      let blocker: InflightRun | undefined;
+      try {
+        if (this.exclusiveWaiting) continue;
+        blocker = this.overlapping(first, end);
+        if (!blocker) {
+          await this.start();
+          const plan = await this.planRun(offset, data);
+          await this.h.onGuestWrite?.(offset, plan.consumed);
+          let done!: () => void;
+          const run: InflightRun = {
+            first: plan.firstCluster,
+            end: plan.firstCluster + plan.n,
+            settled: new Promise<void>((r) => (done = r)),
+          };
+          this.inflight.add(run);
+          return { plan, run, done };
+        }
+      } finally {
+        release();
+      }
+      await blocker.settled;
+    }
+  }
+
+  /** Write a prefix of `data` that stays within one L2 table, caller holding the lock; returns bytes written. */
   private async writeRun(offset: number, data: Uint8Array): Promise<number> {
+    const plan = await this.planRun(offset, data);
+    await this.writeData(plan.buf, plan.host, plan.guest);
+    await this.commitRun(plan);
+    return plan.consumed;
+  }
+
+  /** Choose where a prefix of `data` (within one L2 table) goes; copy-on-write if needed. */
+  private async planRun(offset: number, data: Uint8Array): Promise<RunPlan> {
     const { g } = this.h;
     const cs = this.cs;
     const l1i = Math.floor(offset / g.l1Coverage);
@@ -257,48 +393,60 @@ export class Qcow2Writer {
       }
       const end = Math.min(offset + len, (firstCluster + n) * cs);
       const buf = await this.padInPlace(l2, idx0, n, offset, data.subarray(0, end - offset));
-      await this.writeData(buf.data, host0 + (buf.start - firstCluster * cs), buf.start);
-      for (let k = 0; k < n; k++) await this.markWritten(l2, idx0 + k, firstCluster + k, buf.start, buf.start + buf.data.length, true);
-      return end - offset;
+      return {
+        consumed: end - offset, buf: buf.data, host: host0 + (buf.start - firstCluster * cs), guest: buf.start,
+        l2, idx0, firstCluster, n, inPlace: true, from: buf.start, to: buf.start + buf.data.length, olds: [],
+      };
     }
 
     // Clusters that need a new host cluster: batch consecutive ones.
-    let n = 1;
-    while ((firstCluster + n) * cs < offset + len) {
-      const e = await this.getEntry(l2, idx0 + n);
+    const olds: Entry[] = [e0];
+    while ((firstCluster + olds.length) * cs < offset + len) {
+      const e = await this.getEntry(l2, idx0 + olds.length);
       if (this.inPlace(e)) break;
-      n++;
+      olds.push(e);
     }
+    const n = olds.length;
     const end = Math.min(offset + len, (firstCluster + n) * cs);
     const runStart = firstCluster * cs;
-    const buf = new Uint8Array(n * cs);
-    // Copy-on-write: old content of the clusters, where the write does not cover it.
-    const olds: Entry[] = [];
-    for (let k = 0; k < n; k++) olds.push(await this.getEntry(l2, idx0 + k));
-    const covStart = offset;
-    const covEnd = end;
-    for (let k = 0; k < n; k++) {
-      const cStart = runStart + k * cs;
-      const cEnd = cStart + cs;
-      if (covStart <= cStart && covEnd >= cEnd) continue;
-      await this.cowFill(buf.subarray(k * cs, (k + 1) * cs), cStart, olds[k]!, covStart, covEnd);
+    let buf: Uint8Array;
+    if (offset === runStart && end === runStart + n * cs) {
+      buf = data.subarray(0, end - offset); // whole clusters: no copy
+    } else {
+      buf = new Uint8Array(n * cs);
+      // Copy-on-write: old content of the clusters, where the write does not cover it.
+      for (let k = 0; k < n; k++) {
+        const cStart = runStart + k * cs;
+        if (offset <= cStart && end >= cStart + cs) continue;
+        await this.cowFill(buf.subarray(k * cs, (k + 1) * cs), cStart, olds[k]!, offset, end);
+      }
+      buf.set(data.subarray(0, end - offset), offset - runStart);
     }
-    buf.set(data.subarray(0, end - offset), offset - runStart);
     const host = this.dataFile ? runStart : await this.refcounts.allocate(n);
-    await this.writeData(buf, host, runStart);
-    for (let k = 0; k < n; k++) {
-      const old = olds[k]!;
-      const newHost = host + k * cs;
+    return { consumed: end - offset, buf, host, guest: runStart, l2, idx0, firstCluster, n, inPlace: false, from: offset, to: end, olds };
+  }
+
+  /** Phase 3 of a write (data is written): point the L2 entries at it. */
+  private async commitRun(p: RunPlan): Promise<void> {
+    const { g } = this.h;
+    const cs = this.cs;
+    if (p.inPlace) {
+      for (let k = 0; k < p.n; k++) await this.markWritten(p.l2, p.idx0 + k, p.firstCluster + k, p.from, p.to, true);
+      return;
+    }
+    const runStart = p.firstCluster * cs;
+    for (let k = 0; k < p.n; k++) {
+      const old = p.olds[k]!;
+      const newHost = p.host + k * cs;
       const e: Entry = { hi: Math.floor(newHost / 0x100000000) | COPIED_HI, lo: newHost >>> 0, bhi: 0, blo: 0 };
       if (g.extendedL2) {
-        const { alloc, zero } = this.newBitmap(old, runStart + k * cs, covStart, covEnd);
+        const { alloc, zero } = this.newBitmap(old, runStart + k * cs, p.from, p.to);
         e.blo = alloc;
         e.bhi = zero;
       }
-      await this.setEntry(l2, idx0 + k, e);
+      await this.setEntry(p.l2, p.idx0 + k, e);
       this.releaseOld(old);
     }
-    return end - offset;
   }
 
   /**
