@@ -103,16 +103,55 @@ type Step =
   | { kind: 'status-mismatch'; pos: number }
   | { kind: 'tail' };
 
+/**
+ * Where the last answer QEMU's block-status call gives for `drv` starts: from there on the answer
+ * reaches the end of the image and carries BDRV_BLOCK_EOF, which strict mode compares too. QEMU
+ * answers at most one L2 slice per call for qcow2 (one cluster for compressed data), one cluster for
+ * qcow, whole extents for raw files; through a backing chain, every layer down to the one that
+ * supplies the data limits the answer.
+ */
+async function eofRunStart(drv: BlockDriver, name: string): Promise<number> {
+  const size = drv.size;
+  if (size === 0) return 0;
+  const cur = new ExtentCursor(drv, name);
+  let last: Extent | undefined;
+  for (let pos = 0; pos < size; pos = last.offset + last.length) last = await cur.at(pos, size);
+  const e = last!;
+  let start = e.offset;
+  const lastByte = size - 1;
+  let layer: BlockDriver | undefined = drv;
+  for (let d = 0; layer && d <= e.depth; d++, layer = layer.backing) {
+    const info = layer.info();
+    const cs = info.clusterSize;
+    if (!cs || lastByte >= layer.size) continue;
+    let unit = 0;
+    if (layer.format === 'qcow2') {
+      const extended = info.formatSpecific?.data['extended-l2'] === true;
+      unit = (Math.min(4096, cs) / (extended ? 16 : 8)) * cs;
+      const compressed = d === e.depth && e.kind === 'data' && e.hostOffset === undefined && !info.encrypted;
+      if (compressed) unit = cs;
+    } else if (layer.format === 'qcow') unit = cs;
+    if (unit) start = Math.max(start, lastByte - (lastByte % unit));
+  }
+  return start;
+}
+
 async function* steps(a: BlockDriver, b: BlockDriver, names: [string, string], strict: boolean, chunkSize: number): AsyncGenerator<Step> {
   const total = Math.max(a.size, b.size);
   const common = Math.min(a.size, b.size);
   const curA = new ExtentCursor(a, names[0]);
   const curB = new ExtentCursor(b, names[1]);
+  // Strict mode: the first offset where exactly one image's answer carries the EOF flag.
+  let eofSplit = Infinity;
+  if (strict) {
+    const [fa, fb] = [await eofRunStart(a, names[0]), await eofRunStart(b, names[1])];
+    if (fa !== fb) eofSplit = Math.min(fa, fb);
+  }
   for (let pos = 0; pos < common; ) {
     const ea = await curA.at(pos, common);
     const eb = await curB.at(pos, common);
-    const len = Math.min(ea.length, eb.length);
-    if (strict && statusKey(ea) !== statusKey(eb)) {
+    const len = Math.min(ea.length, eb.length, pos < eofSplit ? eofSplit - pos : Infinity);
+    if (strict && (statusKey(ea) !== statusKey(eb) || pos === eofSplit)) {
       yield { kind: 'status-mismatch', pos };
       return;
     }

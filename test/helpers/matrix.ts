@@ -209,19 +209,11 @@ export function defineMatrix(title: string, fixtures: Fixture[]): void {
           expectSameOutcome(ours, theirs, { stdoutOnFailure: true });
         });
 
-        it('compare -s (strict) with the qemu-img raw copy: same verdict as qemu-img', () => {
+        it('compare -s (strict) with the qemu-img raw copy: same verdict and offset as qemu-img', () => {
           const { ours, theirs } = res.compareStrict;
-          // Known difference: where both images hold data but QEMU's internal block-status words
-          // still differ (raw vs qcow2 layers), qemu-img reports the first offset of the range and
-          // we report the first offset whose allocation differs. The verdict (exit code) must match.
-          // Known gap (see the closing note of the foundation issue): QEMU compares its internal
-          // status words, which differ between a qcow2 chain and a raw file even where both hold
-          // data, so its verdict can be "mismatch" where ours is "identical". Until that is
-          // reproduced, check that ours answers in qemu-img's words with a valid exit code.
-          expect([0, 1], `${ours.cmdline}\n${ours.stdout}${ours.stderr}`).toContain(ours.code);
-          expect(ours.stderr).toBe('');
-          expect(ours.stdout).toMatch(/^(Images are identical\.|Strict mode: (Offset \d+ block status mismatch!|Image size mismatch!))\n$/);
-          if (theirs.code === 0) expect(ours.code).toBe(0);
+          // Strict mode compares QEMU's block-status answers, including their EOF flag.
+          expect(ours.stderr, ours.cmdline).toBe('');
+          expect(ours.stdout + ours.code, ours.cmdline).toBe(theirs.stdout + theirs.code);
         });
 
         if (fx.chain) {
