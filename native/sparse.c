@@ -11,14 +11,24 @@
  *
  * Note: lseek moves the descriptor's file position. qcowkit does only positional I/O
  * (pread/pwrite), so that is harmless there.
+ *
+ *   fallocate(fd, mode, offset, length) -> Promise<void>   (Linux only)
+ *     mode 0: allocate the range (preallocation=falloc, like QEMU's file driver);
+ *     mode 1: punch a hole, keeping the size (zero writes that may unmap, discard).
+ *     Runs on the libuv thread pool. Rejects with an Error whose `code` is the errno name.
  */
 #include <node_api.h>
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/types.h>
+#include <stdlib.h>
 #ifndef _WIN32
+#include <fcntl.h>
 #include <unistd.h>
+#endif
+#if defined(__linux__)
+#include <linux/falloc.h>
 #endif
 
 #define CHECK(call)                                                    \
@@ -99,6 +109,86 @@ static napi_value seek(napi_env env, napi_callback_info info) {
   return result;
 }
 
+#if defined(__linux__) && defined(FALLOC_FL_PUNCH_HOLE) && defined(FALLOC_FL_KEEP_SIZE)
+#define HAVE_FALLOCATE 1
+
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  int fd, mode, err;
+  int64_t offset, length;
+} falloc_job;
+
+static void falloc_execute(napi_env env, void *data) {
+  (void)env;
+  falloc_job *j = data;
+  int flags = j->mode == 1 ? (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) : 0;
+  int r;
+  do {
+    r = fallocate(j->fd, flags, (off_t)j->offset, (off_t)j->length);
+  } while (r < 0 && errno == EINTR);
+  j->err = r < 0 ? errno : 0;
+}
+
+static void falloc_complete(napi_env env, napi_status status, void *data) {
+  falloc_job *j = data;
+  napi_value v;
+  if (status == napi_ok && j->err == 0) {
+    napi_get_undefined(env, &v);
+    napi_resolve_deferred(env, j->deferred, v);
+  } else {
+    int e = status == napi_ok ? j->err : EIO;
+    char msg[160];
+    snprintf(msg, sizeof msg, "fallocate(%s): %s", j->mode == 1 ? "punch hole" : "allocate", strerror(e));
+    napi_value m, c;
+    napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
+    napi_create_string_utf8(env, errno_code(e), NAPI_AUTO_LENGTH, &c);
+    napi_create_error(env, c, m, &v);
+    napi_reject_deferred(env, j->deferred, v);
+  }
+  napi_delete_async_work(env, j->work);
+  free(j);
+}
+
+static napi_value do_fallocate(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t fd, mode;
+  int64_t offset, length;
+  if (argc != 4 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_get_value_int32(env, argv[1], &mode) != napi_ok ||
+      napi_get_value_int64(env, argv[2], &offset) != napi_ok ||
+      napi_get_value_int64(env, argv[3], &length) != napi_ok) {
+    napi_throw_type_error(env, NULL, "fallocate(fd, mode, offset, length): numbers expected");
+    return NULL;
+  }
+  if (fd < 0 || offset < 0 || length <= 0 || (mode != 0 && mode != 1)) {
+    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "fallocate: bad fd, mode or range");
+    return NULL;
+  }
+  falloc_job *j = calloc(1, sizeof *j);
+  if (!j) {
+    napi_throw_error(env, "ENOMEM", "fallocate: out of memory");
+    return NULL;
+  }
+  j->fd = fd;
+  j->mode = mode;
+  j->offset = offset;
+  j->length = length;
+  napi_value promise, name;
+  if (napi_create_promise(env, &j->deferred, &promise) != napi_ok ||
+      napi_create_string_utf8(env, "qcowkit_fallocate", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_async_work(env, NULL, name, falloc_execute, falloc_complete, j, &j->work) != napi_ok ||
+      napi_queue_async_work(env, j->work) != napi_ok) {
+    free(j);
+    napi_throw_error(env, NULL, "fallocate: could not queue the request");
+    return NULL;
+  }
+  return promise;
+}
+#endif
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_value fn, v;
   CHECK(napi_create_function(env, "seek", NAPI_AUTO_LENGTH, seek, NULL, &fn));
@@ -107,6 +197,10 @@ static napi_value init(napi_env env, napi_value exports) {
   CHECK(napi_set_named_property(env, exports, "SEEK_DATA", v));
   CHECK(napi_create_int32(env, SEEK_HOLE, &v));
   CHECK(napi_set_named_property(env, exports, "SEEK_HOLE", v));
+#ifdef HAVE_FALLOCATE
+  CHECK(napi_create_function(env, "fallocate", NAPI_AUTO_LENGTH, do_fallocate, NULL, &fn));
+  CHECK(napi_set_named_property(env, exports, "fallocate", fn));
+#endif
   return exports;
 }
 

@@ -13,6 +13,8 @@ interface SparseAddon {
   seek(fd: number, offset: number, whence: number): number;
   SEEK_DATA: number;
   SEEK_HOLE: number;
+  /** fallocate(2) on the thread pool: mode 0 allocates, 1 punches a hole (Linux builds only). */
+  fallocate?(fd: number, mode: 0 | 1, offset: number, length: number): Promise<void>;
 }
 
 /** Most runs one call returns; past that the rest of the range is reported as one data run. */
@@ -121,4 +123,23 @@ export async function sparseRuns(
     throw e;
   }
   return runs;
+}
+
+/**
+ * fallocate(2): allocate `[offset, offset + length)` of the file (`punch` false) or deallocate it,
+ * keeping the size, so it reads as zeros (`punch` true). Resolves false where the platform or the
+ * file system cannot (no addon, EOPNOTSUPP): callers then fall back (leave sparse, write zeros).
+ */
+export async function fallocateFile(fd: number, punch: boolean, offset: number, length: number): Promise<boolean> {
+  if (length <= 0) return true;
+  const a = loadAddon();
+  if (!a?.fallocate) return false;
+  try {
+    await a.fallocate(fd, punch ? 1 : 0, offset, length);
+    return true;
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code && UNSUPPORTED.has(code)) return false;
+    throw e;
+  }
 }

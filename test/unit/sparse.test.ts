@@ -173,3 +173,55 @@ describe('sparseRuns', () => {
     await expect(sparseRuns(2 ** 30, 0, 4096)).rejects.toMatchObject({ code: 'EBADF' });
   });
 });
+
+describe('fallocate: punching holes and preallocating (FileIO)', async () => {
+  const { FileIO } = await import('../../src/io/file.js');
+
+  it('punchHole deallocates whole blocks and the range reads as zeros; the size is kept', async () => {
+    const file = path.join(dir, 'punch.bin');
+    fs.writeFileSync(file, Buffer.alloc(4 * M, 0xab));
+    const io = await FileIO.open(file, { readOnly: false });
+    try {
+      const before = await io.allocatedSize();
+      await io.punchHole(1 * M + 100, 2 * M);
+      const got = Buffer.alloc(4 * M);
+      await io.read(got, 0);
+      const want = Buffer.alloc(4 * M, 0xab).fill(0, 1 * M + 100, 3 * M + 100);
+      expect(got.equals(want)).toBe(true);
+      expect(await io.size()).toBe(4 * M);
+      // Where the file system supports holes (ext4, xfs, tmpfs) whole blocks were freed.
+      if (sparseSupported()) expect(await io.allocatedSize()).toBeLessThan(before);
+    } finally {
+      await io.close();
+    }
+  });
+
+  it('allocate gives blocks to a sparse file without changing its content or size', async () => {
+    const file = path.join(dir, 'alloc.bin');
+    fs.writeFileSync(file, '');
+    fs.truncateSync(file, 8 * M);
+    const io = await FileIO.open(file, { readOnly: false });
+    try {
+      const ok = await io.allocate(0, 8 * M);
+      if (ok) expect(await io.allocatedSize()).toBeGreaterThanOrEqual(8 * M);
+      expect(await io.size()).toBe(8 * M);
+      const got = Buffer.alloc(8 * M, 1);
+      await io.read(got, 0);
+      expect(got.equals(Buffer.alloc(8 * M))).toBe(true);
+    } finally {
+      await io.close();
+    }
+  });
+
+  it('read-only files refuse both', async () => {
+    const file = path.join(dir, 'ro.bin');
+    fs.writeFileSync(file, Buffer.alloc(M, 1));
+    const io = await FileIO.open(file, { readOnly: true });
+    try {
+      await expect(io.punchHole(0, M)).rejects.toThrow(/read-only/);
+      await expect(io.allocate(0, M)).rejects.toThrow(/read-only/);
+    } finally {
+      await io.close();
+    }
+  });
+});
