@@ -102,23 +102,9 @@ async function resizeQcow2(drv: Qcow2Driver, newSize: number, prealloc: ResizePr
     saved.push({ name: b.name, granularity, disabled: (b.flags & BME_FLAG_AUTO) === 0, bits });
   }
 
-  if (newSize < old && drv.snapshots.length) {
-    // QEMU shrinks v3 images with snapshots (each snapshot records its own disk size); only the
-    // active state's clusters past the end are dropped.
-    const w = drv.writer;
-    if (!w) throw new QcowError('EPERM', `Image '${drv.filename}' is opened read-only`);
-    await w.resize(newSize);
-    drv.size = newSize;
-  } else {
-    await drv.resize(newSize);
-  }
-
-  if (newSize > old) {
-    // The new area must not show a (larger) backing file's data through.
-    const b = drv.backing;
-    if (b && b.size > old) await drv.writeZeroes(old, Math.min(newSize, b.size) - old);
-    if (prealloc !== 'off') await writeZeroData(drv, old, newSize);
-  }
+  // Shrinking with snapshots (v3) and zeroing the new area over a larger backing file: resize.ts.
+  await drv.resize(newSize);
+  if (newSize > old && prealloc !== 'off') await writeZeroData(drv, old, newSize);
 
   if (saved.length) {
     const ops = drv.bitmapOps();

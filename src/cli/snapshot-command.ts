@@ -6,7 +6,6 @@
  */
 import type { BlockDriver } from '../core/block-driver.js';
 import { QcowError } from '../core/errors.js';
-import { entryOffset } from '../formats/qcow2/cluster-map.js';
 import { Qcow2Driver } from '../formats/qcow2/driver.js';
 import { SnapshotOps } from '../formats/qcow2/snapshot.js';
 import { snapshotToJson } from '../ops/info.js';
@@ -18,43 +17,6 @@ import type { Io } from './output.js';
 import { errnoOf, openWritable, rawProbeWarning } from './toolbox-common.js';
 
 type Action = 'list' | 'apply' | 'create' | 'delete';
-
-/**
- * Whether taking a snapshot would push a refcount past the image's refcount width: the snapshot
- * adds one reference to every L2 table and data cluster of the active state (one per compressed
- * cluster on the host clusters its data touches).
- */
-async function wouldOverflow(drv: Qcow2Driver): Promise<boolean> {
-  const bits = 2 ** drv.header.refcountOrder;
-  if (bits >= 32) return false;
-  const max = 2 ** bits - 1;
-  const w = drv.writer!;
-  const cs = drv.g.clusterSize;
-  const adds = new Map<number, number>();
-  const add = (c: number) => adds.set(c, (adds.get(c) ?? 0) + 1);
-  const l1 = drv.activeL1;
-  const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
-  for (let i = 0; i < l1.length / 8; i++) {
-    const l2 = entryOffset(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4));
-    if (!l2) continue;
-    add(l2 / cs);
-    for (let k = 0; k < drv.g.l2Entries; k++) {
-      const e = await w.getEntry(l2, k);
-      if (e.hi & 0x40000000) {
-        const x = 70 - drv.g.clusterBits;
-        const coff = (e.hi & ((1 << (x - 32)) - 1)) * 0x100000000 + (e.lo >>> 0);
-        const sectors = ((e.hi >>> (x - 32)) & ((1 << (drv.g.clusterBits - 8)) - 1)) + 1;
-        const start = coff - (coff % 512);
-        for (let c = Math.floor(start / cs); c <= Math.floor((start + sectors * 512 - 1) / cs); c++) add(c);
-        continue;
-      }
-      const host = entryOffset(e.hi, e.lo);
-      if (host && !drv.g.dataFile) add(host / cs);
-    }
-  }
-  for (const [c, n] of adds) if ((await w.refcounts.get(c)) + n > max) return true;
-  return false;
-}
 
 /** The snapshot list as qemu-img prints it (nothing at all when there are no snapshots). */
 export function snapshotListText(drv: BlockDriver): string {
@@ -134,14 +96,12 @@ export async function cmdSnapshot(argv: string[], io: Io): Promise<number> {
         if (drv instanceof Qcow2Driver && drv.g.dataFile) {
           throw new CliError(`Could not create snapshot '${name}': -95 (Operation not supported)`);
         }
-        // Refcounts too narrow for one more reference (refcount_bits=1 with data): refused by
-        // qemu-img with EINVAL; checked first so the image is left as it was.
-        if (drv instanceof Qcow2Driver && (await wouldOverflow(drv))) {
-          throw new CliError(`Could not create snapshot '${name}': -22 (Invalid argument)`);
-        }
         try {
           await ops.create({ name, ...nowForSnapshot() });
         } catch (e) {
+          // Refcounts too narrow for one more reference (refcount_bits=1 with data): qemu-img
+          // fails with EINVAL (leaking a cluster); the library refuses before writing anything.
+          if (e instanceof QcowError && e.code === 'ERANGE') throw new CliError(`Could not create snapshot '${name}': -22 (Invalid argument)`);
           const [n, text] = errnoOf(e);
           throw new CliError(`Could not create snapshot '${name}': -${n} (${text})`);
         }

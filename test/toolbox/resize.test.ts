@@ -1,7 +1,13 @@
 /** `resize` against qemu-img 7.2 on twin copies (see twin.ts). */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { describe, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
+import { openImage } from '../../src/block/open.js';
+import { registerNodeCodecs } from '../../src/codecs/node.js';
+import type { Qcow2Driver } from '../../src/formats/qcow2/driver.js';
+import { fileProvider } from '../../src/io/file.js';
+import { makeTmpDir, removeTmpDir, sha256File } from '../helpers/files.js';
+import { describeResult, qemuImg } from '../helpers/proc.js';
 import { create, img, io, runTwin, type TwinCase } from './twin.js';
 
 const M = 1024 * 1024;
@@ -80,6 +86,16 @@ const cases: TwinCase[] = [
   { name: 'grow with bitmaps', build: withBitmaps, args: ['resize', 'a.qcow2', '+8M'], expectCode: 0 },
   { name: 'shrink with bitmaps', build: withBitmaps, args: ['resize', '--shrink', 'a.qcow2', '4M'], expectCode: 0 },
   { name: 'grow an overlay over a larger backing file', build: smallOverlay, args: ['resize', 'top.qcow2', '3M'], expectCode: 0 },
+  {
+    name: 'grow a v2 overlay over a larger backing file (refused)',
+    build: async (d) => {
+      await create(d, 'base.qcow2', 4 * M);
+      await io(d, 'base.qcow2', ['write -q -P 7 0 4M']);
+      await create(d, 'top.qcow2', '1000k', { compat: '0.10' }, { backing: 'base.qcow2' });
+    },
+    args: ['resize', 'top.qcow2', '6M'],
+    expectCode: 1,
+  },
   { name: 'raw grow (probed: warning)', build: raw, args: ['resize', 'r.raw', '+1000'], expectCode: 0 },
   { name: 'raw shrink to an odd size', build: raw, args: ['resize', '-f', 'raw', '--shrink', 'r.raw', '999'], expectCode: 0 },
   { name: 'raw relative from an odd size', build: oddRaw, args: ['resize', '-f', 'raw', 'r.raw', '+1000'], expectCode: 0 },
@@ -96,4 +112,74 @@ const cases: TwinCase[] = [
 
 describe.concurrent('resize', () => {
   for (const c of cases) it(c.name, () => runTwin(c).then(() => undefined));
+});
+
+/**
+ * The library's Qcow2Driver.resize against qemu-img resize on twin copies: shrinking a v3 image with
+ * snapshots, growing an overlay over a larger backing file (v3 and v2: the new area reads as zeros,
+ * not as the backing file), refusing v2 images with snapshots. Compared: qemu-img check clean,
+ * active content and every snapshot's content equal to qemu-img's result.
+ */
+describe('resize through the library', () => {
+  const scenarios: Array<{ name: string; build: (d: string) => Promise<void>; file: string; size: number; refused?: string }> = [
+    { name: 'shrink a v3 image with a snapshot', build: withSnapshot, file: 'a.qcow2', size: 2 * M },
+    { name: 'grow an overlay over a larger backing file', build: smallOverlay, file: 'top.qcow2', size: 3 * M },
+    {
+      name: 'grow a v2 overlay over a larger backing file',
+      build: async (d) => {
+        await create(d, 'base.qcow2', 4 * M);
+        await io(d, 'base.qcow2', ['write -q -P 7 0 4M']);
+        await create(d, 'top.qcow2', '1000k', { compat: '0.10' }, { backing: 'base.qcow2' });
+      },
+      file: 'top.qcow2',
+      size: 6 * M,
+      refused: 'Failed to zero out new clusters: Operation not supported',
+    },
+    { name: 'v2 image with a snapshot is refused', build: v2WithSnapshot, file: 'a.qcow2', size: 9 * M, refused: "Can't resize a v2 image which has snapshots" },
+  ];
+  for (const sc of scenarios) {
+    it(sc.name, async () => {
+      registerNodeCodecs();
+      const root = makeTmpDir('qk-resize-lib-');
+      try {
+        const q = path.join(root, 'q');
+        const k = path.join(root, 'k');
+        fs.mkdirSync(q);
+        await sc.build(q);
+        fs.cpSync(q, k, { recursive: true });
+        const rq = await qemuImg(['resize', '--shrink', sc.file, String(sc.size)], { cwd: q });
+        const before = await sha256File(path.join(k, sc.file));
+        const drv = (await openImage(path.join(k, sc.file), { io: fileProvider, readOnly: false })) as Qcow2Driver;
+        let err: Error | undefined;
+        try {
+          await drv.resize(sc.size);
+        } catch (e) {
+          err = e as Error;
+        } finally {
+          await drv.close();
+        }
+        if (sc.refused) {
+          expect(rq.code, describeResult(rq)).toBe(1);
+          expect(rq.stderr).toContain(sc.refused);
+          expect(err?.message).toBe(sc.refused);
+          expect(await sha256File(path.join(k, sc.file))).toBe(before);
+          return;
+        }
+        expect(rq.code, describeResult(rq)).toBe(0);
+        expect(err).toBeUndefined();
+        const c = await qemuImg(['check', sc.file], { cwd: k });
+        expect(c.code, describeResult(c)).toBe(0);
+        const cmp = await qemuImg(['compare', path.join(q, sc.file), path.join(k, sc.file)]);
+        expect(cmp.code, describeResult(cmp)).toBe(0);
+        const info = JSON.parse((await qemuImg(['info', '--output=json', sc.file], { cwd: k })).stdout) as { 'virtual-size': number; snapshots?: Array<{ id: string }> };
+        expect(info['virtual-size']).toBe(sc.size);
+        for (const s of info.snapshots ?? []) {
+          for (const d of [q, k]) await img(d, ['convert', '-l', `snapshot.id=${s.id}`, '-O', 'raw', sc.file, `s${s.id}.raw`]);
+          expect(await sha256File(path.join(k, `s${s.id}.raw`)), `snapshot ${s.id}`).toBe(await sha256File(path.join(q, `s${s.id}.raw`)));
+        }
+      } finally {
+        removeTmpDir(root);
+      }
+    });
+  }
 });

@@ -1,5 +1,14 @@
 /** `snapshot` against qemu-img 7.2 on twin copies (see twin.ts). */
-import { describe, it } from 'vitest';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { openImage } from '../../src/block/open.js';
+import type { Qcow2Driver } from '../../src/formats/qcow2/driver.js';
+import { SnapshotOps } from '../../src/formats/qcow2/snapshot.js';
+import { fileProvider } from '../../src/io/file.js';
+import { registerNodeCodecs } from '../../src/codecs/node.js';
+import { makeTmpDir, patchU32, patchU64, readAt, readU32, readU64, removeTmpDir, sha256File } from '../helpers/files.js';
+import { qemuImg, qk } from '../helpers/proc.js';
 import { create, img, io, runTwin, type TwinCase } from './twin.js';
 
 const M = 1024 * 1024;
@@ -130,6 +139,149 @@ const cases: TwinCase[] = [
     images: [],
   },
 ];
+
+/**
+ * A snapshot holding VM state, as QEMU's savevm leaves it (qemu-img and qemu-io cannot write VM
+ * state: `qemu-img snapshot -c` always records vm_state_size 0). Built by hand: a 1 GiB image
+ * gets data at 0 and a 128 KiB "VM state" at 512 MiB (= l1_vm_state_index 1 for a 4 MiB disk),
+ * qemu-img takes snapshot vm1, the VM state is discarded from the active state (as QEMU does
+ * after savevm), then the header size becomes 4 MiB and the snapshot entry records disk_size
+ * 4 MiB and vm_state_size 128 KiB. `qemu-img check` finds it clean, `snapshot -l` lists VM SIZE 128 KiB.
+ */
+function withVmState(compat: '1.1' | '0.10') {
+  return async (dir: string): Promise<void> => {
+    const f = path.join(dir, 'vm.qcow2');
+    await create(dir, 'vm.qcow2', '1G', { compat });
+    await io(dir, 'vm.qcow2', ['write -q -P 0x11 0 1M', 'write -q -P 0x77 512M 128k']);
+    await img(dir, ['snapshot', '-c', 'vm1', 'vm.qcow2']);
+    await io(dir, 'vm.qcow2', ['discard -q 512M 128k', 'write -q -P 0x22 0 64k']);
+    const so = Number(readU64(f, 64));
+    patchU64(f, 24, BigInt(4 * M));
+    patchU32(f, so + 32, 128 * 1024);
+    patchU64(f, so + 40, BigInt(128 * 1024));
+    patchU64(f, so + 48, BigInt(4 * M));
+    const l = await qemuImg(['snapshot', '-l', 'vm.qcow2'], { cwd: dir });
+    if (!/vm1\s+128 KiB/.test(l.stdout)) throw new Error(`fixture: no VM state listed\n${l.stdout}`);
+  };
+}
+
+/** The VM state bytes of snapshot `name` (found by walking its L1/L2 tables in the file). */
+function vmState(file: string, name: string): Buffer {
+  const cs = 2 ** readU32(file, 20);
+  const n = readU32(file, 60);
+  let pos = Number(readU64(file, 64));
+  for (let i = 0; i < n; i++) {
+    const e = readAt(file, pos, 40);
+    const idLen = e.readUInt16BE(12);
+    const nameLen = e.readUInt16BE(14);
+    const extra = e.readUInt32BE(36);
+    const x = readAt(file, pos + 40, extra + idLen + nameLen);
+    const vmSize = Number(x.readBigUInt64BE(0));
+    const diskSize = Number(x.readBigUInt64BE(8));
+    if (x.subarray(extra + idLen).toString() === name) {
+      const l1 = Number(e.readBigUInt64BE(0));
+      const idx = Math.ceil(diskSize / (cs * (cs / 8)));
+      const l2 = Number(readU64(file, l1 + idx * 8) & 0x00fffffffffffe00n);
+      const out = Buffer.alloc(vmSize);
+      if (!l2) return out;
+      for (let k = 0; k * cs < vmSize; k++) {
+        const host = Number(readU64(file, l2 + k * 8) & 0x00fffffffffffe00n);
+        if (host) readAt(file, host, Math.min(cs, vmSize - k * cs)).copy(out, k * cs);
+      }
+      return out;
+    }
+    pos += (40 + extra + idLen + nameLen + 7) & ~7;
+  }
+  throw new Error(`no snapshot ${name} in ${file}`);
+}
+
+const vmStateIntact = async (q: string, k: string) => {
+  for (const d of [q, k]) {
+    const v = vmState(path.join(d, 'vm.qcow2'), 'vm1');
+    expect(v.length).toBe(128 * 1024);
+    expect(v.every((b) => b === 0x77), `${d === q ? 'qemu-img' : 'qcowkit'}: VM state of vm1 changed`).toBe(true);
+  }
+};
+
+for (const compat of ['1.1', '0.10'] as const) {
+  const build = withVmState(compat);
+  cases.push(
+    { name: `VM state (compat ${compat}): create keeps it`, build, args: ['snapshot', '-c', 'later', 'vm.qcow2'], expectCode: 0, after: vmStateIntact },
+    { name: `VM state (compat ${compat}): apply keeps it`, build, args: ['snapshot', '-a', 'vm1', 'vm.qcow2'], expectCode: 0, after: vmStateIntact },
+    // check (on ours, in runTwin) finds no leaks: the VM state clusters were freed exactly.
+    { name: `VM state (compat ${compat}): delete frees it`, build, args: ['snapshot', '-d', 'vm1', 'vm.qcow2'], expectCode: 0 },
+    {
+      name: `VM state (compat ${compat}): another snapshot created and deleted`,
+      build: async (d) => {
+        await build(d);
+        await img(d, ['snapshot', '-c', 'mid', 'vm.qcow2']);
+      },
+      args: ['snapshot', '-d', 'mid', 'vm.qcow2'],
+      expectCode: 0,
+      after: vmStateIntact,
+    },
+  );
+}
+
+cases.push(
+  {
+    // qemu-img fails with EINVAL and leaks a cluster; qcowkit refuses before writing anything
+    name: 'create with 1-bit refcounts',
+    build: async (d) => {
+      await create(d, 'a.qcow2', 4 * M, { refcount_bits: 1 });
+      await io(d, 'a.qcow2', ['write -q -P 1 0 128k']);
+    },
+    args: ['snapshot', '-c', 's', 'a.qcow2'],
+    expectCode: 1,
+  },
+  { name: 'create on a v2 image with snapshots', build: async (d) => {
+      await create(d, 'a.qcow2', 16 * M, { compat: '0.10' });
+      await io(d, 'a.qcow2', ['write -q -P 0x11 0 1M', 'write -q -c -P 0x12 1M 64k']);
+      await img(d, ['snapshot', '-c', 's1', 'a.qcow2']);
+      await io(d, 'a.qcow2', ['write -q -P 0x22 512k 1M']);
+    }, args: ['snapshot', '-c', 's2', 'a.qcow2'], expectCode: 0 },
+);
+
+describe('snapshot: a failed create leaves the image as it was', () => {
+  for (const opts of [{ refcount_bits: 1 }, { refcount_bits: 1, lazy_refcounts: true }, { refcount_bits: 2 }] as Array<Record<string, number | boolean>>) {
+    it(`library create refused with ${JSON.stringify(opts)}: byte-identical, clean, not dirty`, async () => {
+      const dir = makeTmpDir('qk-snap-fail-');
+      try {
+        await create(dir, 'a.qcow2', 4 * M, opts);
+        await io(dir, 'a.qcow2', ['write -q -P 1 0 128k', 'write -q -c -P 2 1M 64k']);
+        if (opts.refcount_bits === 2) {
+          await img(dir, ['snapshot', '-c', 'x', 'a.qcow2']);
+          await img(dir, ['snapshot', '-c', 'y', 'a.qcow2']);
+        }
+        const file = path.join(dir, 'a.qcow2');
+        const before = await sha256File(file);
+        const drv = (await (registerNodeCodecs(), openImage(file, { io: fileProvider, readOnly: false }))) as Qcow2Driver;
+        let err: unknown;
+        try {
+          await new SnapshotOps(drv, drv.writer!).create({ name: 's' });
+        } catch (e) {
+          err = e;
+        }
+        expect((err as { code?: string } | undefined)?.code, String(err)).toBe('ERANGE');
+        // Still usable: a write goes through and the snapshot list is unchanged.
+        expect(drv.snapshots.length).toBe(opts.refcount_bits === 2 ? 2 : 0);
+        await drv.close();
+        expect(await sha256File(file), 'image changed').toBe(before);
+        expect(readU64(file, 72) & 1n, 'dirty bit left set').toBe(0n);
+        const c = await qemuImg(['check', 'a.qcow2'], { cwd: dir });
+        expect(c.code, c.stdout + c.stderr).toBe(0);
+        // And through the CLI: qemu-img's message, exit 1, image unchanged.
+        const r = await qk(['snapshot', '-c', 's', 'a.qcow2'], { cwd: dir });
+        expect(r.code).toBe(1);
+        expect(r.stderr).toBe("qcowkit: Could not create snapshot 's': -22 (Invalid argument)\n");
+        expect(await sha256File(file)).toBe(before);
+        expect(fs.readdirSync(dir)).toEqual(['a.qcow2']);
+      } finally {
+        removeTmpDir(dir);
+      }
+    });
+  }
+});
 
 describe.concurrent('snapshot', () => {
   for (const c of cases) it(c.name, () => runTwin(c).then(() => undefined));

@@ -20,6 +20,7 @@ import { bitmapFlagNames, decodeBitmapDirectory, type BitmapDirectoryEntry } fro
 import { AUTOCLEAR_BITMAPS } from './constants.js';
 import { Bitmaps } from './bitmaps.js';
 import { repairDirty } from './check.js';
+import { resizeQcow2Image } from './resize.js';
 
 export interface Qcow2OpenOptions extends OpenOptions {
   readOnly: boolean;
@@ -625,18 +626,9 @@ export class Qcow2Driver implements BlockDriver {
     this.size = newSize;
   }
 
-  /** Change the virtual size (qemu-img resize). Shrinking deletes the data past the new end. */
+  /** Change the virtual size (qemu-img resize): see resize.ts. */
   async resize(newSize: number): Promise<void> {
-    if (!this.writer) throw new QcowError('EPERM', `Image '${this.filename}' is opened read-only`);
-    if (!Number.isSafeInteger(newSize) || newSize < 0) throw new QcowError('EINVAL', 'Invalid image size');
-    if (newSize < this.size && this.snapshots.length) {
-      throw new QcowError('ENOTSUP', "Can't shrink an image which has snapshots");
-    }
-    if (this.g.dataFile && newSize > this.size && this.dataIO !== this.io && this.header.autoclearFeatures & C.AUTOCLEAR_DATA_FILE_RAW) {
-      if ((await this.dataIO.size()) < newSize) await this.dataIO.truncate(newSize);
-    }
-    await this.writer.resize(newSize);
-    this.size = newSize;
+    return resizeQcow2Image(this, newSize);
   }
 
   async close(): Promise<void> {
