@@ -174,6 +174,9 @@ async function runCase(c, ctx) {
   }
   const argvFor = (tool) => {
     const q = { ...p, out: c.output ? join(dir, `${c.id}.${tool}.${c.output}`) : undefined };
+    // A case may give the whole argv per tool (`command(p, tool)`, e.g. a client of a server it
+    // started in setup and stops in `teardown(ctx, p, state)`; state.note is printed).
+    if (c.command) return { argv: c.command(q, tool), out: q.out };
     const args = tool === 'qemu' ? c.qemu(q) : (c.ours ?? c.qemu)(q);
     return { argv: [...T[tool], ...args], out: q.out };
   };
@@ -228,6 +231,15 @@ async function runCase(c, ctx) {
   } catch (e) {
     res.error = e.message;
     log(`  ✗ ${e.message}`);
+  } finally {
+    if (c.teardown) {
+      try {
+        await c.teardown(ctx, p, state);
+      } catch (e) {
+        res.error ??= `teardown failed: ${e.message}`;
+      }
+    }
+    if (state.note) res.note = state.note;
   }
   if (verdicts.length) {
     const bad = verdicts.find((v) => !v.ok);
@@ -415,6 +427,7 @@ async function main() {
       (noisy.length ? ' — ratios within that margin are not significant' : ' — timings are unreliable') +
       '; rerun on an idle machine / with more --runs.');
   }
+  for (const r of results) if (r.note) notes.push(r.note);
   for (const r of results) if (r.error) notes.push(`✗ ${r.id}: ${r.error.replace(/\n/g, '\n    ')}`);
   const human = `\n${out}\n\n${notes.map((n) => `  ${n}`).join('\n')}\n`;
 
@@ -432,6 +445,7 @@ async function main() {
         target: r.target,
         error: r.error,
         verify: r.verify,
+        note: r.note ?? null,
         qemu: { argv: r.qemu.argv, wallS: r.qemu.wallNs.map((n) => Number(n) / 1e9), rssKiB: r.qemu.rssKiB, cpuS: r.qemu.cpuS, outAllocated: r.qemu.outAllocated },
         ours: { argv: r.ours.argv, wallS: r.ours.wallNs.map((n) => Number(n) / 1e9), rssKiB: r.ours.rssKiB, cpuS: r.ours.cpuS, outAllocated: r.ours.outAllocated },
         ...r.summary,

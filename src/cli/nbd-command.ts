@@ -7,6 +7,8 @@ import * as fs from 'node:fs';
 import type { BlockDriver } from '../core/block-driver.js';
 import { QcowError } from '../core/errors.js';
 import { CowOverlay } from '../nbd/cow-overlay.js';
+import { loadExportBitmap, type DirtyBitmapView } from '../nbd/dirty-bitmap.js';
+import { nbdFileProvider } from '../nbd/file-io.js';
 import { NbdExport, type DetectZeroesMode, type DiscardMode } from '../nbd/export.js';
 import { forkAndWait, isForkedChild, signalReady } from '../nbd/fork.js';
 import { parseObjects, splitQemuOpts, type TlsX509Object } from '../nbd/objects.js';
@@ -31,6 +33,7 @@ Serve FILE over the Network Block Device protocol (qemu-nbd compatible).
   -D, --description=TEXT    export a human-readable description
   -o, --offset=OFFSET       offset into the image
   -A, --allocation-depth    expose the allocation depth
+  -B, --bitmap=NAME         expose a persistent dirty bitmap
   --object type,id=ID,...   define an object (secret, tls-creds-x509)
   --tls-creds=ID            use id of an earlier --object to provide TLS
   --fork                    fork off the server process and exit the parent once it is running
@@ -58,6 +61,8 @@ interface NbdArgs {
   description?: string;
   offset: number;
   allocationDepth: boolean;
+  /** -B/--bitmap names, in command-line order. */
+  bitmaps: string[];
   objects: string[];
   tlsCreds?: string;
   fork: boolean;
@@ -105,7 +110,7 @@ export function parseNbdArgs(argv: string[]): NbdArgs {
   });
   const a: Omit<NbdArgs, 'file'> & { file?: string } = {
     port: 10809, bind: '0.0.0.0', shared: 1, persistent: false, verbose: false, exportName: '', offset: 0,
-    allocationDepth: false, objects: [], fork: false, readOnly: false, snapshot: false, discard: 'ignore',
+    allocationDepth: false, bitmaps: [], objects: [], fork: false, readOnly: false, snapshot: false, discard: 'ignore',
     detectZeroes: 'off', imageOpts: false,
   };
   for (const o of options) {
@@ -126,7 +131,7 @@ export function parseNbdArgs(argv: string[]): NbdArgs {
         break;
       case 'o': case 'offset': a.offset = parseIntArg('offset', v, Number.MAX_SAFE_INTEGER); break;
       case 'A': case 'allocation-depth': a.allocationDepth = true; break;
-      case 'B': case 'bitmap': throw new CliError(`Bitmap '${v}' cannot be exported: reading dirty bitmaps is not supported yet`);
+      case 'B': case 'bitmap': a.bitmaps.push(v); break;
       case 'f': case 'format': a.format = v; break;
       case 'r': case 'read-only': a.readOnly = true; break;
       case 's': case 'snapshot': a.snapshot = true; break;
@@ -195,6 +200,7 @@ async function openDriver(a: NbdArgs, objects: Map<string, unknown>): Promise<{ 
       ...(a.format !== undefined ? { format: a.format } : {}),
       imageOpts: a.imageOpts,
       writable,
+      provider: nbdFileProvider,
       ...(a.loadSnapshot ? { snapshot: a.loadSnapshot } : {}),
     });
   } catch (e) {
@@ -261,6 +267,17 @@ export async function cmdNbd(argv: string[], io: Io): Promise<number> {
 
   const { drv, probedRaw } = await openDriver(a, objects);
   const readOnly = a.readOnly || !!a.loadSnapshot;
+  const bitmaps: DirtyBitmapView[] = [];
+  try {
+    // qemu-nbd builds its bitmap list last -B first, and checks (and lists) them in that order.
+    for (const name of [...a.bitmaps].reverse()) {
+      bitmaps.push(await loadExportBitmap(drv, name, { writable: !readOnly, behindOffset: a.offset !== 0 }));
+    }
+  } catch (e) {
+    await drv.close().catch(() => {});
+    if (e instanceof QcowError) throw new CliError(e.message);
+    throw e;
+  }
   const exp = new NbdExport(drv, {
     name: a.exportName,
     ...(a.description !== undefined ? { description: a.description } : {}),
@@ -270,6 +287,7 @@ export async function cmdNbd(argv: string[], io: Io): Promise<number> {
     allocationDepth: a.allocationDepth,
     multiConn: readOnly && a.shared !== 1,
     probedRaw,
+    ...(bitmaps.length ? { bitmaps } : {}),
   });
   const log = (m: string) => {
     if (a.verbose) process.stderr.write(`qcowkit: ${m}\n`);

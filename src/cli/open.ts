@@ -1,6 +1,7 @@
 /** Opening images named on the command line, with qemu-img's error wording. */
 import { promises as fsp } from 'node:fs';
 import type { BlockDriver } from '../core/block-driver.js';
+import type { IOProvider } from '../core/byte-io.js';
 import { openImage } from '../block/open.js';
 import { fileProvider } from '../io/file.js';
 import { parseObjects } from '../nbd/objects.js';
@@ -24,6 +25,8 @@ export interface CliOpenOptions {
   secrets?: Map<string, Uint8Array>;
   /** The image's data will be read: an encrypted image needs its key (qemu-img's open check). */
   needKey?: boolean;
+  /** Files are opened through this provider (default: fileProvider). */
+  provider?: IOProvider;
 }
 
 /** `--object` arguments → the secrets they define, by id. Other object types are accepted and unused. */
@@ -65,7 +68,7 @@ export async function openForCli(arg: string, o: CliOpenOptions = {}): Promise<B
   let drv: BlockDriver;
   try {
     drv = await openImage(spec.filename, {
-      io: fileProvider,
+      io: o.provider ?? fileProvider,
       readOnly: !o.writable,
       ...(spec.format !== undefined ? { format: spec.format } : {}),
       ...(o.noBacking ? { noBacking: true } : {}),

@@ -96,6 +96,8 @@ export const REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2;
 // base:allocation status flags.
 export const STATE_HOLE = 1 << 0;
 export const STATE_ZERO = 1 << 1;
+// qemu:dirty-bitmap:NAME status flag.
+export const STATE_DIRTY = 1 << 0;
 
 // Error values sent on the wire.
 export const EPERM = 1;

@@ -8,7 +8,8 @@ import { QcowError } from '../core/errors.js';
 import { isZero } from '../core/util.js';
 import * as C from './constants.js';
 import { allocationDepth, allocationFlags, collectExtents, readSegments, toDescriptors, type NbdExtent, type ReadSegment } from './extents.js';
-import { availableContexts, type MetaContext } from './meta-context.js';
+import { availableContexts, type ContextSource, type MetaContext } from './meta-context.js';
+import type { DirtyBitmapView } from './dirty-bitmap.js';
 import { RWLock } from './sync.js';
 import { CowOverlay } from './cow-overlay.js';
 import { looksLikeImageHeader } from './probe-guard.js';
@@ -30,6 +31,8 @@ export interface ExportOptions {
    * writes that would make the first sector look like another format.
    */
   probedRaw?: boolean;
+  /** Dirty bitmaps exported as `qemu:dirty-bitmap:NAME` (qemu-nbd -B), in context order. */
+  bitmaps?: DirtyBitmapView[];
 }
 
 /** An error to send to the client: an NBD error number and a message. */
@@ -113,23 +116,37 @@ export class NbdExport {
     return this.opts.probedRaw ? 512 : C.BLOCK_SIZE_MIN;
   }
 
+  contextSource(): ContextSource {
+    return { allocationDepth: this.opts.allocationDepth, bitmaps: (this.opts.bitmaps ?? []).map((b) => b.name) };
+  }
+
   contexts(): MetaContext[] {
-    return availableContexts({ allocationDepth: this.opts.allocationDepth });
+    return availableContexts(this.contextSource());
+  }
+
+  /**
+   * Run a reading driver call under the shared lock. A read-only export never takes the exclusive
+   * lock while serving (nothing modifies it; close() runs once no request is in flight), so its
+   * reads skip the lock and the promises it costs.
+   */
+  private reading<T>(fn: () => Promise<T>): Promise<T> {
+    return this.opts.readOnly ? fn() : this.lock.shared(fn);
   }
 
   /** Fill `buf` with the export's bytes at `offset` (the 512-byte padding reads as zeros). */
   async readInto(buf: Buffer, offset: number): Promise<void> {
     const inDriver = Math.max(0, Math.min(buf.length, this.driver.size - offset));
-    await this.lock.shared(async () => {
-      if (inDriver > 0) await this.driver.readInto(inDriver === buf.length ? buf : buf.subarray(0, inDriver), offset);
-    });
+    if (inDriver === buf.length && this.opts.readOnly) return this.driver.readInto(buf, offset); // the common case
+    if (inDriver > 0) {
+      const part = inDriver === buf.length ? buf : buf.subarray(0, inDriver);
+      await this.reading(() => this.driver.readInto(part, offset));
+    }
     if (inDriver < buf.length) buf.fill(0, inDriver);
   }
 
   /** Data and hole pieces of `[offset, offset+length)` from block status. */
-  async readPlan(offset: number, length: number): Promise<ReadSegment[]> {
-    const ext = await this.lock.shared(() => collectExtents(this.driver, offset, length, Number.MAX_SAFE_INTEGER));
-    return readSegments(ext);
+  readPlan(offset: number, length: number): Promise<ReadSegment[]> {
+    return this.reading(() => collectExtents(this.driver, offset, length, Number.MAX_SAFE_INTEGER)).then(readSegments);
   }
 
   async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
@@ -181,9 +198,14 @@ export class NbdExport {
    */
   async blockStatus(offset: number, length: number, contexts: MetaContext[], reqOne: boolean): Promise<Map<number, NbdExtent[]>> {
     const max = reqOne ? 1 : C.MAX_BLOCK_STATUS_EXTENTS;
-    const ext = await this.lock.shared(() => collectExtents(this.driver, offset, length, reqOne ? 1 : max));
+    const needExtents = contexts.some((c) => c.kind !== 'qemu:dirty-bitmap');
+    const ext = needExtents ? await this.reading(() => collectExtents(this.driver, offset, length, max)) : [];
     const out = new Map<number, NbdExtent[]>();
     for (const ctx of contexts) {
+      if (ctx.kind === 'qemu:dirty-bitmap') {
+        out.set(ctx.id, this.opts.bitmaps![ctx.bitmap!]!.extents(offset, length, max));
+        continue;
+      }
       const runs =
         ctx.kind === 'base:allocation'
           ? ext.map((e) => ({ length: e.length, value: allocationFlags(e) }))
@@ -229,6 +251,8 @@ export class NbdExport {
     if (this.opts.readOnly) throw new NbdError(C.EPERM, 'export is read-only');
     await this.lock.exclusive(async () => {
       await fn(Math.max(offset, Math.min(offset + length, this.driver.size)));
+      // Like QEMU, a completed write, zeroing or discard marks the whole request range.
+      if (this.opts.bitmaps) for (const b of this.opts.bitmaps) if (b.live) b.mark(offset, length);
       if (fua) await this.driver.flush();
     });
   }

@@ -9,7 +9,7 @@ import * as C from './constants.js';
 import type { NbdExport } from './export.js';
 import { matchContexts, type MetaContext } from './meta-context.js';
 import { upgradeToTls, type TlsConfig } from './tls.js';
-import { greeting, optionReply, PayloadCursor, sendMessage, StreamReader, u16, u32, u64 } from './wire.js';
+import { flushBatch, greeting, optionReply, PayloadCursor, sendMessage, StreamReader, u16, u32, u64 } from './wire.js';
 
 /** The connection's byte channel; replaced by a TLS one after STARTTLS. */
 export interface Channel {
@@ -164,6 +164,7 @@ class Negotiation {
     if (!this.host.tls) return this.error(option, C.REP_ERR_POLICY, 'TLS not configured');
     if (this.tlsDone) return this.error(option, C.REP_ERR_INVALID, 'TLS already enabled');
     this.reply(option, C.REP_ACK);
+    flushBatch(this.ch.stream);
     const leftover = this.ch.reader.detach();
     if (leftover.length) throw new HardDisconnect('data sent before the TLS handshake');
     let tlsStream;
@@ -244,7 +245,7 @@ class Negotiation {
     }
     const exp = this.host.findExport(name);
     if (!exp) return this.error(option, C.REP_ERR_UNKNOWN, `export '${name}' not present`);
-    const found = matchContexts({ allocationDepth: exp.opts.allocationDepth }, queries, listing);
+    const found = matchContexts(exp.contextSource(), queries, listing);
     for (const ctx of found) {
       this.reply(option, C.REP_META_CONTEXT, Buffer.concat([u32(listing ? 0 : ctx.id), Buffer.from(ctx.name)]));
     }

@@ -75,6 +75,16 @@ export class Semaphore {
     return new Promise((resolve) => this.queue.push({ n: w, resolve: () => resolve(w) }));
   }
 
+  /** Take `n` at once if that needs no waiting (the common case: no await, no microtask). */
+  tryAcquire(n = 1): number | undefined {
+    const w = Math.min(Math.max(n, 0), this.capacity);
+    if (this.queue.length === 0 && this.available >= w) {
+      this.available -= w;
+      return w;
+    }
+    return undefined;
+  }
+
   release(w: number): void {
     this.available += w;
     while (this.queue.length && this.available >= this.queue[0]!.n) {

@@ -10,14 +10,16 @@ import type { Channel, Negotiated } from './handshake.js';
 import { Semaphore } from './sync.js';
 import {
   blockStatusChunk,
-  dataChunkHeader,
   drained,
   errorChunk,
   holeChunk,
   noneChunk,
+  BufferPool,
   sendMessage,
-  sendMessageFlushed,
+  sendPooled,
   simpleReplyHeader,
+  writeDataChunkHeader,
+  writeSimpleReplyHeader,
 } from './wire.js';
 
 interface Request {
@@ -42,6 +44,9 @@ function allowedFlags(type: number, structured: boolean): number {
       return 0;
   }
 }
+
+/** Reply buffers shared by every connection of the process. */
+const replyBuffers = new BufferPool();
 
 const KNOWN = new Set([C.CMD_READ, C.CMD_WRITE, C.CMD_FLUSH, C.CMD_TRIM, C.CMD_CACHE, C.CMD_WRITE_ZEROES, C.CMD_BLOCK_STATUS]);
 
@@ -85,12 +90,13 @@ export class Transmission {
   private async loop(): Promise<void> {
     const { reader } = this.ch;
     while (!this.stopping) {
-      const w = await this.slots.acquire(1);
+      // Synchronous fast paths where nothing has to wait: no promise per request.
+      const w = this.slots.tryAcquire(1) ?? (await this.slots.acquire(1));
       // Replies the client does not read stop us from reading more requests.
-      await drained(this.ch.stream, C.MAX_UNSENT_REPLY_BYTES);
+      if (this.ch.stream.writableLength > C.MAX_UNSENT_REPLY_BYTES) await drained(this.ch.stream, C.MAX_UNSENT_REPLY_BYTES);
       let head: Buffer;
       try {
-        head = await reader.read(28);
+        head = reader.tryRead(28) ?? (await reader.read(28));
       } catch (e) {
         this.slots.release(w);
         throw e;
@@ -99,12 +105,13 @@ export class Transmission {
         this.slots.release(w);
         throw new Error('bad request magic');
       }
-      const offsetBig = head.readBigUInt64BE(16);
+      // Offsets past 2^53 are clamped (they are past any export's end and get refused).
+      const hi = head.readUInt32BE(16);
       const req: Request = {
         flags: head.readUInt16BE(4),
         type: head.readUInt16BE(6),
-        handle: Buffer.from(head.subarray(8, 16)),
-        offset: offsetBig > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(offsetBig),
+        handle: head.subarray(8, 16),
+        offset: hi >= 0x200000 ? Number.MAX_SAFE_INTEGER : hi * 0x100000000 + head.readUInt32BE(20),
         length: head.readUInt32BE(24),
       };
       if (req.type === C.CMD_DISC) {
@@ -130,7 +137,7 @@ export class Transmission {
           throw e;
         }
       } else if (req.type === C.CMD_READ && req.length <= C.MAX_BUFFER) {
-        budget = await this.bytes.acquire(req.length);
+        budget = this.bytes.tryAcquire(req.length) ?? (await this.bytes.acquire(req.length));
       }
       if (this.stopping) {
         this.replyError(req, new NbdError(C.ESHUTDOWN, 'server is shutting down'));
@@ -139,11 +146,13 @@ export class Transmission {
         return;
       }
       this.inFlight++;
-      void this.handle(req).finally(() => {
+      const done = () => {
         this.bytes.release(budget);
         this.slots.release(w);
         if (--this.inFlight === 0) for (const r of this.idleWaiters.splice(0)) r();
-      });
+      };
+      // handle() answers its own errors; it never rejects.
+      void this.handle(req).then(done, done);
     }
   }
 
@@ -216,37 +225,58 @@ export class Transmission {
   private async read(req: Request): Promise<void> {
     const exp = this.neg.export;
     const { offset, length, handle } = req;
+    const stream = this.ch.stream;
     if (!this.neg.structured) {
-      const buf = Buffer.allocUnsafe(length);
-      await exp.readInto(buf, offset);
-      await sendMessageFlushed(this.ch.stream, [simpleReplyHeader(0, handle), buf]);
+      // Header and data in one (reused) buffer, read into in place: one write.
+      const msg = replyBuffers.take(16 + length);
+      writeSimpleReplyHeader(msg, 0, handle);
+      await exp.readInto(msg.subarray(16), offset);
+      await sendPooled(stream, msg, replyBuffers);
       return;
     }
     if (length === 0) {
-      sendMessage(this.ch.stream, [noneChunk(handle)]);
+      sendMessage(stream, [noneChunk(handle)]);
       return;
     }
     if (req.flags & C.CMD_FLAG_DF) {
-      const buf = Buffer.allocUnsafe(length);
-      await exp.readInto(buf, offset);
-      await sendMessageFlushed(this.ch.stream, [dataChunkHeader(handle, true, offset, length), buf]);
+      await this.sendData(handle, true, offset, length);
       return;
     }
     const plan = await exp.readPlan(offset, length);
-    const sent: Array<Promise<void>> = [];
-    for (let i = 0; i < plan.length; i++) {
-      const seg = plan[i]!;
-      const final = i === plan.length - 1;
-      if (seg.hole) {
-        sendMessage(this.ch.stream, [holeChunk(handle, final, seg.offset, seg.length)]);
-      } else {
-        const buf = Buffer.allocUnsafe(seg.length);
-        await exp.readInto(buf, seg.offset);
-        sent.push(sendMessageFlushed(this.ch.stream, [dataChunkHeader(handle, final, seg.offset, seg.length), buf]));
-      }
+    if (plan.length === 1) {
+      const seg = plan[0]!;
+      if (seg.hole) sendMessage(stream, [holeChunk(handle, true, seg.offset, seg.length)]);
+      else await this.sendData(handle, true, seg.offset, seg.length);
+      return;
     }
+    // Read every data piece at once, then send the chunks in order: the one flagged DONE must
+    // be the last to leave.
+    const msgs = plan.map((seg, i) => {
+      const final = i === plan.length - 1;
+      if (seg.hole) return holeChunk(handle, final, seg.offset, seg.length);
+      const msg = replyBuffers.take(28 + seg.length);
+      writeDataChunkHeader(msg, handle, final, seg.offset, seg.length);
+      return msg;
+    });
+    await Promise.all(plan.map((seg, i) => (seg.hole ? undefined : exp.readInto(msgs[i]!.subarray(28), seg.offset))));
     // Hold this request's memory budget until its data has left.
-    await Promise.all(sent);
+    await Promise.all(msgs.map((m, i) => (plan[i]!.hole ? sendMessage(stream, [m]) : sendPooled(stream, m, replyBuffers))));
+  }
+
+  /**
+   * One OFFSET_DATA chunk: header and data in one buffer (the data read in place), one write;
+   * resolves once handed to the operating system.
+   */
+  private async sendData(handle: Buffer, final: boolean, offset: number, length: number): Promise<void> {
+    const msg = replyBuffers.take(28 + length);
+    writeDataChunkHeader(msg, handle, final, offset, length);
+    try {
+      await this.neg.export.readInto(msg.subarray(28), offset);
+    } catch (e) {
+      replyBuffers.give(msg);
+      throw e;
+    }
+    await sendPooled(this.ch.stream, msg, replyBuffers);
   }
 
   private async blockStatus(req: Request): Promise<void> {

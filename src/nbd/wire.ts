@@ -53,6 +53,11 @@ export class StreamReader {
     });
   }
 
+  /** Exactly `n` bytes if they are already buffered (no promise), else undefined. */
+  tryRead(n: number): Buffer | undefined {
+    return !this.pending && this.buffered >= n ? this.take(n) : undefined;
+  }
+
   /** Read and discard `n` bytes without holding them all in memory. */
   async skip(n: number): Promise<void> {
     while (n > 0) {
@@ -122,34 +127,89 @@ export class StreamReader {
   }
 }
 
+/**
+ * Streams corked until the end of this turn of the event loop: replies finished in the same turn
+ * (several requests completing together) leave in one writev instead of one syscall each.
+ */
+const corked = new WeakSet<Duplex>();
+/** Messages this large are not held back for a batch. */
+const BATCH_MAX = 64 * 1024;
+
+function batch(stream: Duplex): void {
+  if (corked.has(stream)) return;
+  corked.add(stream);
+  stream.cork();
+  setImmediate(() => {
+    // ...and does nothing (a later batch has its own cork and its own setImmediate).
+    if (corked.delete(stream)) stream.uncork();
+  });
+}
+
+/** Send what is batched now (before the socket changes hands, e.g. to TLS). */
+export function flushBatch(stream: Duplex): void {
+  if (!corked.delete(stream)) return;
+  stream.uncork(); // the pending setImmediate then finds the stream no longer in the set...
+}
+
 /** Write one message (several buffers) contiguously; false when the socket is gone. */
 export function sendMessage(stream: Duplex, parts: Uint8Array[]): boolean {
   if (stream.destroyed || stream.writableEnded) return false;
-  if (parts.length === 1) {
-    stream.write(parts[0]!);
-    return true;
-  }
-  stream.cork();
+  batch(stream);
   for (const p of parts) if (p.length) stream.write(p);
-  stream.uncork();
   return true;
 }
 
 /**
- * Write one message contiguously; resolves once it has been handed to the operating system (or
- * the socket is gone), so callers can hold buffers' memory budget until then.
+ * Reusable reply buffers (header + data), by exact size: a busy connection reading 4 KiB blocks
+ * would otherwise allocate (and later collect) a fresh ArrayBuffer per request. A buffer comes back
+ * once the socket has taken its bytes; every byte of a reused buffer is rewritten before it is sent.
  */
-export function sendMessageFlushed(stream: Duplex, parts: Uint8Array[]): Promise<void> {
+export class BufferPool {
+  private readonly free = new Map<number, Buffer[]>();
+  /** Bytes held by free buffers (bounded by maxBytes). */
+  private held = 0;
+
+  constructor(
+    private readonly maxSize = 256 * 1024 + 64,
+    private readonly maxBytes = 16 * 1024 * 1024,
+  ) {}
+
+  take(size: number): Buffer {
+    const buf = this.free.get(size)?.pop();
+    if (!buf) return Buffer.allocUnsafeSlow(size);
+    this.held -= size;
+    return buf;
+  }
+
+  give(buf: Buffer): void {
+    if (buf.length > this.maxSize || this.held + buf.length > this.maxBytes) return;
+    if (buf.byteOffset !== 0 || buf.buffer.byteLength !== buf.length) return;
+    let list = this.free.get(buf.length);
+    if (!list) {
+      if (this.free.size >= 16) return; // a few sizes only (4 KiB, 64 KiB, ... with their headers)
+      list = [];
+      this.free.set(buf.length, list);
+    }
+    list.push(buf);
+    this.held += buf.length;
+  }
+}
+
+/**
+ * Write a pooled buffer as one message; it returns to `pool` and the promise resolves once the
+ * socket has taken it (or the socket is gone).
+ */
+export function sendPooled(stream: Duplex, buf: Buffer, pool: BufferPool): Promise<void> {
   if (stream.destroyed || stream.writableEnded) return Promise.resolve();
   return new Promise((resolve) => {
-    const done = () => resolve();
-    stream.cork();
-    for (let i = 0; i < parts.length; i++) {
-      const p = parts[i]!;
-      if (i === parts.length - 1) stream.write(p, done);
-      else if (p.length) stream.write(p);
-    }
-    stream.uncork();
+    // Small replies wait for the batch; a large one goes now (after what is batched), so the
+    // client starts on it while the next ones are read.
+    if (buf.length < BATCH_MAX) batch(stream);
+    else flushBatch(stream);
+    stream.write(buf, (err) => {
+      if (!err) pool.give(buf);
+      resolve();
+    });
   });
 }
 
@@ -209,20 +269,35 @@ export function optionReply(option: number, type: number, data: Uint8Array = Buf
 
 export function simpleReplyHeader(error: number, handle: Buffer): Buffer {
   const b = Buffer.allocUnsafe(16);
+  writeSimpleReplyHeader(b, error, handle);
+  return b;
+}
+
+/** A simple reply header into the first 16 bytes of `b`. */
+export function writeSimpleReplyHeader(b: Buffer, error: number, handle: Buffer): void {
   b.writeUInt32BE(C.SIMPLE_REPLY_MAGIC, 0);
   b.writeUInt32BE(error, 4);
   handle.copy(b, 8, 0, 8);
-  return b;
 }
 
 export function chunkHeader(flags: number, type: number, handle: Buffer, length: number): Buffer {
   const b = Buffer.allocUnsafe(20);
+  writeChunkHeader(b, flags, type, handle, length);
+  return b;
+}
+
+function writeChunkHeader(b: Buffer, flags: number, type: number, handle: Buffer, length: number): void {
   b.writeUInt32BE(C.STRUCTURED_REPLY_MAGIC, 0);
   b.writeUInt16BE(flags, 4);
   b.writeUInt16BE(type, 6);
   handle.copy(b, 8, 0, 8);
   b.writeUInt32BE(length, 16);
-  return b;
+}
+
+/** Offsets below 2^53 as two 32-bit halves (no BigInt on the hot path). */
+function writeU64(b: Buffer, v: number, at: number): void {
+  b.writeUInt32BE(Math.floor(v / 0x100000000), at);
+  b.writeUInt32BE(v >>> 0, at + 4);
 }
 
 /** An NBD_REPLY_TYPE_ERROR chunk (always the final chunk here). */
@@ -241,18 +316,16 @@ export function noneChunk(handle: Buffer): Buffer {
 
 export function holeChunk(handle: Buffer, final: boolean, offset: number, length: number): Buffer {
   const b = Buffer.allocUnsafe(32);
-  chunkHeader(final ? C.REPLY_FLAG_DONE : 0, C.REPLY_TYPE_OFFSET_HOLE, handle, 12).copy(b, 0);
-  b.writeBigUInt64BE(BigInt(offset), 20);
+  writeChunkHeader(b, final ? C.REPLY_FLAG_DONE : 0, C.REPLY_TYPE_OFFSET_HOLE, handle, 12);
+  writeU64(b, offset, 20);
   b.writeUInt32BE(length, 28);
   return b;
 }
 
-/** Header (and offset) of an OFFSET_DATA chunk; the data follows separately. */
-export function dataChunkHeader(handle: Buffer, final: boolean, offset: number, length: number): Buffer {
-  const b = Buffer.allocUnsafe(28);
-  chunkHeader(final ? C.REPLY_FLAG_DONE : 0, C.REPLY_TYPE_OFFSET_DATA, handle, 8 + length).copy(b, 0);
-  b.writeBigUInt64BE(BigInt(offset), 20);
-  return b;
+/** The 28-byte header of an OFFSET_DATA chunk into the start of `b` (the data goes after it). */
+export function writeDataChunkHeader(b: Buffer, handle: Buffer, final: boolean, offset: number, length: number): void {
+  writeChunkHeader(b, final ? C.REPLY_FLAG_DONE : 0, C.REPLY_TYPE_OFFSET_DATA, handle, 8 + length);
+  writeU64(b, offset, 20);
 }
 
 /** An NBD_REPLY_TYPE_BLOCK_STATUS chunk for one context. */
