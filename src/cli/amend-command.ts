@@ -6,7 +6,11 @@
  * Differences from qemu-img, all on the safe side: every check is made before anything changes
  * (qemu-img may resize before refusing a downgrade); a downgrade of an image with persistent
  * bitmaps removes them cleanly (qemu-img leaves them behind, leaked and inconsistent).
- * Not implemented: changing refcount_bits, LUKS key slot options (refused with a message).
+ * LUKS key slots (`encrypt.state`, `encrypt.keyslot`, `encrypt.new-secret`, `encrypt.old-secret`,
+ * `encrypt.iter-time`): src/formats/crypto/luks-amend.ts, prepared (PBKDF2 included) with the other
+ * checks and written right after a compat upgrade, as qemu-img orders it.
+ * refcount_bits: new refcount structures written beside the old ones, switched in by one header
+ * write (src/formats/qcow2/amend-refcount.ts).
  */
 import { QcowError } from '../core/errors.js';
 import { amendQcow2 } from '../formats/qcow2/amend.js';
@@ -23,6 +27,8 @@ import { ProgressPrinter } from './progress.js';
 import { resizeDriver } from './resize-command.js';
 import { openWritable } from './toolbox-common.js';
 import { QEMU_FORMATS } from './rebase-command.js';
+import { checkLuksAmendOptions, prepareQcow2LuksAmend, type LuksAmendOptions } from '../formats/crypto/luks-amend.js';
+import { resolveImageArg, secretsFromObjects } from './open.js';
 
 /** qcow2's amend options (help text as qemu-img 7.2 prints it). */
 export const QCOW2_AMEND_OPTS: readonly OptDesc[] = [
@@ -86,10 +92,36 @@ interface AmendPlan {
   dataFile?: string;
   dataFileRawOff: boolean;
   size?: number;
+  refcountBits?: number;
+  /** LUKS key-slot change, checked and ready to write. */
+  luks?: () => Promise<void>;
+}
+
+/** How the image was opened: what the LUKS key-slot operations need. */
+interface AmendContext {
+  secrets?: Map<string, Uint8Array>;
+  keySecret?: string;
+  force: boolean;
+}
+
+/** The `encrypt.*` amend options given. */
+function luksAmendOptions(o: CreateOptions): LuksAmendOptions {
+  const out: LuksAmendOptions = {};
+  const state = o.str('encrypt.state');
+  if (state !== undefined) out.state = state;
+  const ns = o.str('encrypt.new-secret');
+  if (ns !== undefined) out.newSecret = ns;
+  const os = o.str('encrypt.old-secret');
+  if (os !== undefined) out.oldSecret = os;
+  const ks = o.big('encrypt.keyslot');
+  if (ks !== undefined) out.keyslot = ks;
+  const it = o.big('encrypt.iter-time');
+  if (it !== undefined) out.iterTime = Number(BigInt.asIntN(64, it));
+  return out;
 }
 
 /** All of qemu's checks (qcow2_amend_options and what it calls), before anything is changed. */
-async function plan(drv: Qcow2Driver, o: CreateOptions): Promise<AmendPlan> {
+async function plan(drv: Qcow2Driver, o: CreateOptions, ctx: AmendContext): Promise<AmendPlan> {
   const h = drv.header;
   const fail = (m: string) => new CliError(m);
   const oldVersion = h.version;
@@ -118,8 +150,8 @@ async function plan(drv: Qcow2Driver, o: CreateOptions): Promise<AmendPlan> {
   if (QCOW2_AMEND_OPTS.some((d) => d.name.startsWith('encrypt.') && o.has(d.name))) {
     if (h.cryptMethod === C.CRYPT_NONE) throw fail("Can't amend encryption options - encryption not present");
     if (h.cryptMethod !== C.CRYPT_LUKS) throw fail('Only LUKS encryption options can be amended');
-    throw fail('Amending LUKS encryption options is not supported by qcowkit yet');
   }
+  const luksOpts = QCOW2_AMEND_OPTS.some((d) => d.name.startsWith('encrypt.') && o.has(d.name)) ? luksAmendOptions(o) : undefined;
   // After the upgrade: backing file, lazy refcounts, refcount width.
   const backingFile = o.str('backing_file');
   const backingFmt = o.str('backing_fmt');
@@ -137,7 +169,6 @@ async function plan(drv: Qcow2Driver, o: CreateOptions): Promise<AmendPlan> {
     if (newVersion < 3 && refcountBits !== 16) {
       throw fail('Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)');
     }
-    throw fail(`Changing refcount_bits (from ${curBits} to ${refcountBits}) is not supported by qcowkit yet`);
   }
   // size= (0 means "not given", as in qemu)
   let size: number | undefined;
@@ -157,7 +188,7 @@ async function plan(drv: Qcow2Driver, o: CreateOptions): Promise<AmendPlan> {
   // Downgrade (done last).
   const downgrade = newVersion < oldVersion;
   if (downgrade) {
-    if (h.refcountOrder !== 4) throw fail('compat=0.10 requires refcount_bits=16');
+    if (refcountBits !== 16) throw fail('compat=0.10 requires refcount_bits=16');
     if (hasDataFile) throw fail('Cannot downgrade an image with a data file');
     const incompat = h.incompatibleFeatures & ~(C.INCOMPAT_COMPRESSION | C.INCOMPAT_DIRTY);
     if (incompat) throw fail(`Cannot downgrade an image with incompatible features 0x${incompat.toString(16)} set`);
@@ -165,13 +196,26 @@ async function plan(drv: Qcow2Driver, o: CreateOptions): Promise<AmendPlan> {
       throw fail('Cannot downgrade an image with zstd compression type and existing compressed clusters');
     }
   }
+  // LUKS key slots last: the checks that need the key (PBKDF2) once everything else passed.
+  let luks: AmendPlan['luks'];
+  if (luksOpts) {
+    checkLuksAmendOptions(luksOpts);
+    if (ctx.keySecret === undefined) throw fail("Parameter 'encrypt.key-secret' is required for cipher");
+    luks = await prepareQcow2LuksAmend(drv, luksOpts, {
+      keySecret: ctx.keySecret,
+      force: ctx.force,
+      ...(ctx.secrets ? { secrets: ctx.secrets } : {}),
+    });
+  }
   return {
+    ...(luks ? { luks } : {}),
     upgrade: newVersion > oldVersion,
     downgrade,
     ...(lazy !== curLazy ? { lazy } : {}),
     ...(dataFile !== undefined ? { dataFile } : {}),
     dataFileRawOff: isRaw && !dataFileRaw,
     ...(size !== undefined ? { size } : {}),
+    ...(refcountBits !== curBits ? { refcountBits } : {}),
   };
 }
 
@@ -197,12 +241,21 @@ async function hasCompressedClusters(drv: Qcow2Driver): Promise<boolean> {
 
 async function apply(drv: Qcow2Driver, p: AmendPlan): Promise<void> {
   if (p.upgrade) await amendQcow2(drv, { compat: '1.1' });
+  if (p.luks) await p.luks();
   if (p.lazy !== undefined || p.dataFileRawOff || (p.dataFile !== undefined && p.dataFile !== '')) {
     await amendQcow2(drv, {
       ...(p.lazy !== undefined ? { lazyRefcounts: p.lazy } : {}),
       ...(p.dataFileRawOff ? { dataFileRaw: false } : {}),
       ...(p.dataFile ? { dataFile: p.dataFile } : {}),
     });
+  }
+  if (p.refcountBits !== undefined) {
+    try {
+      await amendQcow2(drv, { refcountBits: p.refcountBits });
+    } catch (e) {
+      if (e instanceof QcowError && /^Cannot decrease/.test(e.message)) throw new CliError(e.message);
+      throw e;
+    }
   }
   if (p.dataFile === '' && drv.header.dataFile !== undefined) {
     await drv.rewriteHeader({ ...drv.header, dataFile: undefined });
@@ -230,6 +283,8 @@ export async function cmdAmend(argv: string[], io: Io): Promise<number> {
   let progress = false;
   let quiet = false;
   let imageOpts = false;
+  let force = false;
+  const objects: string[] = [];
   const lists: string[] = [];
   for (const o of options) {
     switch (o.name) {
@@ -255,8 +310,14 @@ export async function cmdAmend(argv: string[], io: Io): Promise<number> {
       case 'image-opts':
         imageOpts = true;
         break;
+      case 'object':
+        objects.push(o.value!);
+        break;
+      case 'force':
+        force = true;
+        break;
       default:
-        break; // --object, --force
+        break;
     }
   }
   if (!lists.length) throw new UsageError('Must specify options (-o)');
@@ -277,14 +338,16 @@ export async function cmdAmend(argv: string[], io: Io): Promise<number> {
   if (imageOpts && format !== undefined) throw new CliError('--image-opts and --format are mutually exclusive');
   const file = operands[0]!;
 
-  const drv = await openWritable(file, { imageOpts, ...(format !== undefined ? { format } : {}) }, io);
+  const secrets = secretsFromObjects(objects);
+  const keySecret = resolveImageArg(file, { imageOpts }).keySecret;
+  const drv = await openWritable(file, { imageOpts, ...(format !== undefined ? { format } : {}), ...(secrets ? { secrets } : {}) }, io);
   try {
     if (help) {
       printHelp(drv.format);
     } else {
       if (!(drv instanceof Qcow2Driver)) throw new CliError(`Format driver '${drv.format}' does not support option amendment`);
       const opts = parseAmendOptions(text);
-      const p = await plan(drv, opts);
+      const p = await plan(drv, opts, { force, ...(secrets ? { secrets } : {}), ...(keySecret !== undefined ? { keySecret } : {}) });
       const bar = new ProgressPrinter(io.out, progress, 1.0, 'absolute');
       bar.report(0, 100);
       try {

@@ -5,6 +5,7 @@
  */
 import { promises as fsp } from 'node:fs';
 import type { BlockDriver } from '../core/block-driver.js';
+import { ignoringFlushes } from '../core/byte-io.js';
 import { bytesEqual } from '../core/util.js';
 import { openImage } from '../block/open.js';
 import { fileProvider, FileIO } from '../io/file.js';
@@ -30,6 +31,12 @@ export interface ImageConvertArgs {
   minSparse: number;
   coroutines: number;
   progress: boolean;
+  /** `-t`: cache mode of the target; with `unsafe` (the default for a new target) flushes are skipped. */
+  cache?: string;
+  /** Secrets (`--object secret,...`) for an encrypted target. */
+  secrets?: Map<string, Uint8Array>;
+  /** `encrypt.key-secret` of an existing target (`-n --target-image-opts`). */
+  targetKeySecret?: string;
 }
 
 interface Compressible extends BlockDriver {
@@ -73,10 +80,15 @@ export async function convertToImage(a: ImageConvertArgs, sources: BlockDriver[]
   const total = convertedSize(sources);
   let created = false;
   let target: BlockDriver | undefined;
+  let keySecret = a.targetKeySecret;
   try {
     if (!a.skipCreate) {
       if (a.outFormat === 'qcow2') {
-        await createImage(
+        // qemu-img refuses -c with an encrypted target before creating it.
+        if (a.compress && a.createOpts.some((t) => /(^|,)(encrypt\.format|encryption)=/.test(t))) {
+          throw new CliError('Compression and encryption not supported at the same time');
+        }
+        const made = await createImage(
           {
             filename: a.dstFile,
             format: 'qcow2',
@@ -84,11 +96,30 @@ export async function convertToImage(a: ImageConvertArgs, sources: BlockDriver[]
             options: a.createOpts,
             ...(a.backing !== undefined ? { backingFile: a.backing } : {}),
             ...(a.backingFormat !== undefined ? { backingFormat: a.backingFormat } : {}),
+            ...(a.secrets ? { secrets: a.secrets } : {}),
           },
           fileProvider,
         );
+        if (made.keySecret !== undefined) keySecret = made.keySecret;
+      } else if (a.createOpts.length) {
+        // qcow with -o (e.g. encrypt.format=aes): qemu-img's create, its checks and messages.
+        if (a.compress && a.createOpts.some((t) => /(^|,)(encrypt\.format|encryption)=/.test(t))) {
+          throw new CliError('Compression and encryption not supported at the same time');
+        }
+        const made = await createImage(
+          {
+            filename: a.dstFile,
+            format: 'qcow',
+            size: BigInt(total),
+            options: a.createOpts,
+            ...(a.backing !== undefined ? { backingFile: a.backing } : {}),
+            ...(a.backingFormat !== undefined ? { backingFormat: a.backingFormat } : {}),
+            ...(a.secrets ? { secrets: a.secrets } : {}),
+          },
+          fileProvider,
+        );
+        if (made.keySecret !== undefined) keySecret = made.keySecret;
       } else {
-        if (a.createOpts.length) throw new CliError('convert -O qcow does not take -o options yet');
         const file = await FileIO.create(a.dstFile);
         try {
           await createQcow(file, { size: total, ...(a.backing !== undefined ? { backingFile: a.backing } : {}) });
@@ -98,7 +129,24 @@ export async function convertToImage(a: ImageConvertArgs, sources: BlockDriver[]
       }
       created = true;
     }
-    target = await openImage(a.dstFile, { io: fileProvider, readOnly: false, format: a.outFormat });
+    // Like qemu-img: a target convert creates is written with cache=unsafe unless -t says otherwise
+    // (it is of no use until convert completes); an existing one (-n) is flushed.
+    const unsafe = a.cache === 'unsafe' || (a.cache === undefined && created);
+    const provider = unsafe ? ignoringFlushes(fileProvider) : fileProvider;
+    const openTarget = () =>
+      openImage(a.dstFile, {
+        io: provider,
+        readOnly: false,
+        format: a.outFormat,
+        ...(a.secrets ? { secrets: a.secrets } : {}),
+        ...(keySecret !== undefined ? { keySecret } : {}),
+      });
+    // An existing target (-n) that does not open is reported as qemu-img does.
+    target = a.skipCreate
+      ? await openTarget().catch((e: unknown) => {
+          throw new CliError(`Could not open '${a.dstArg}': ${messageOf(e)}`);
+        })
+      : await openTarget();
     if (target.size < total) throw new CliError('output file is smaller than input file');
     const bar = new ProgressPrinter(io.out, a.progress, 1.0, 'absolute');
     const drv = target as Compressible;

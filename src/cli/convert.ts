@@ -181,7 +181,7 @@ export async function cmdConvert(argv: string[], io: Io): Promise<number> {
         }),
       );
     }
-    return await convertTo(a, sources, dstArg, io);
+    return await convertTo(a, sources, dstArg, io, secrets);
   } finally {
     await closeAll(sources);
   }
@@ -191,7 +191,8 @@ function rawCreateOptionsIsHelp(list: string[]): boolean {
   return list.some((t) => parseQemuOpts(t).some(([k]) => k === 'help' || k === '?'));
 }
 
-async function convertTo(a: ConvertArgs, sources: BlockDriver[], dstArg: string, io: Io): Promise<number> {
+async function convertTo(a: ConvertArgs, sources: BlockDriver[], dstArg: string, io: Io, secrets?: Map<string, Uint8Array>): Promise<number> {
+  const targetKeySecret = a.targetImageOpts ? resolveImageArg(dstArg, { imageOpts: true }).keySecret : undefined;
   const outFormat = a.targetImageOpts ? resolveImageArg(dstArg, { imageOpts: true }).format ?? 'raw' : a.outFormat ?? 'raw';
   const dstFile = a.targetImageOpts ? resolveImageArg(dstArg, { imageOpts: true }).filename : dstArg;
   if (!KNOWN_FORMATS.has(outFormat)) throw new CliError(`Unknown file format '${outFormat}'`);
@@ -218,6 +219,9 @@ async function convertTo(a: ConvertArgs, sources: BlockDriver[], dstArg: string,
         minSparse: a.minSparse,
         coroutines: a.coroutines,
         progress: a.progress,
+        ...(a.cache !== undefined ? { cache: a.cache } : {}),
+        ...(secrets ? { secrets } : {}),
+        ...(targetKeySecret !== undefined ? { targetKeySecret } : {}),
       },
       sources,
       io,

@@ -14,11 +14,20 @@ import {
 } from '../formats/qcow2/create-options.js';
 import { fileProvider } from '../io/file.js';
 import { createImage } from '../ops/create.js';
+import { QCOW_CREATE_HELP } from '../formats/qcow/create.js';
 import { CliError, HelpRequested, UsageError } from './errors.js';
 import { getopt } from './getopt.js';
 import { processIo, type Io } from './output.js';
+import { secretsFromObjects } from './open.js';
 
 const INT64_MAX = (1n << 63n) - 1n;
+
+/** `create -f qcow -o help` without a file name: the format's own options only. */
+function qcowFormatHelp(): string {
+  const own = new Set(['backing_file', 'backing_fmt', 'encrypt.format', 'encrypt.key-secret', 'encryption', 'size']);
+  const lines = QCOW_CREATE_HELP.split('\n').filter((l) => own.has(l.trim().split('=')[0]!));
+  return `Supported qcow options:\n${lines.join('\n')}\n\nThe protocol level may support further options.\nSpecify the target filename to include those options.\n`;
+}
 
 /** The SIZE argument as qemu-img's img_create reads it. */
 export function parseSizeArgument(text: string, warn?: (m: string) => void): bigint {
@@ -52,6 +61,7 @@ export async function runCreate(argv: string[], io: Io = processIo()): Promise<n
   let noBackingOpen = false;
   let quiet = false;
   const optionLists: string[] = [];
+  const objects: string[] = [];
   for (const o of options) {
     switch (o.name) {
       case 'h':
@@ -76,13 +86,22 @@ export async function runCreate(argv: string[], io: Io = processIo()): Promise<n
         if (!isValidOptionList(o.value!)) throw new CliError(`Invalid option list: ${o.value}`);
         optionLists.push(o.value!);
         break;
+      case 'object':
+        objects.push(o.value!);
+        break;
       default:
-        break; // --object: secrets are only needed for encryption, which create does not support yet
+        break;
     }
   }
   const warn = (m: string) => io.err.write(`qcowkit: warning: ${m}\n`);
+  // Secrets (and their errors) come first, as qemu-img creates its objects before anything else.
+  const secrets = secretsFromObjects(objects);
 
   if (optionLists.some(hasHelpOption)) {
+    if (format === 'qcow') {
+      io.out.write(operands.length > 0 ? QCOW_CREATE_HELP : qcowFormatHelp());
+      return 0;
+    }
     if (format !== 'qcow2' && format !== 'raw') throw new CliError(`Unknown file format '${format}'`);
     io.out.write(optionsHelp(format as CreateFormat, operands.length > 0));
     return 0;
@@ -107,6 +126,7 @@ export async function runCreate(argv: string[], io: Io = processIo()): Promise<n
           if (!quiet) io.out.write(`${line}\n`);
         },
         onWarning: warn,
+        ...(secrets ? { secrets } : {}),
       },
       fileProvider,
     );

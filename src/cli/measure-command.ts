@@ -15,7 +15,9 @@ import { parseOutputFormat } from './common.js';
 import { parseSnapshotParam } from './convert.js';
 import { CliError, HelpRequested, messageOf } from './errors.js';
 import { getopt } from './getopt.js';
-import { closeAll, openForCli } from './open.js';
+import { closeAll, openForCli, secretsFromObjects } from './open.js';
+import { parseEncryptCreateChoice, resolveEncryptCreate } from '../formats/crypto/options.js';
+import { checkLuksKeyMaterial, luksHeaderLength } from '../formats/crypto/luks.js';
 import type { Io } from './output.js';
 import { QEMU_FORMATS } from './rebase-command.js';
 import { cvtnum } from './toolbox-common.js';
@@ -25,7 +27,7 @@ const SIZE_HINT_ONE_LINE =
 const SIZE_HINT = '\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.';
 
 /** qcow2_measure's reading of the creation options, with its messages and order. */
-function qcow2Target(o: CreateOptions): MeasureTarget & { version: number; luks: boolean } {
+function qcow2Target(o: CreateOptions, secrets?: Map<string, Uint8Array>): MeasureTarget & { version: number; luks: boolean; luksBytes: number } {
   const fail = (m: string) => new CliError(m);
   const extendedL2 = o.bool('extended_l2');
   const cs = o.big('cluster_size') ?? 65536n;
@@ -45,9 +47,19 @@ function qcow2Target(o: CreateOptions): MeasureTarget & { version: number; luks:
   const p = o.str('preallocation') ?? 'off';
   if (!['off', 'metadata', 'falloc', 'full'].includes(p)) throw fail(`invalid parameter value: ${p}`);
   const luks = o.str('encrypt.format') === 'luks';
+  let luksBytes = 0;
   if (luks) {
-    if (!o.has('encrypt.key-secret')) throw fail("Parameter 'encrypt.key-secret' is required for cipher");
-    throw fail('Measuring LUKS-encrypted qcow2 images is not supported by qcowkit yet');
+    // The LUKS header's clusters (QEMU makes a header to measure it: the secret must exist).
+    try {
+      const choice = parseEncryptCreateChoice((k) => o.str(k));
+      if (choice?.format === 'luks') {
+        resolveEncryptCreate(choice, secrets);
+        checkLuksKeyMaterial(choice.luks);
+        luksBytes = Math.ceil(luksHeaderLength(choice.luks) / Number(cs)) * Number(cs);
+      }
+    } catch (e) {
+      throw fail(messageOf(e));
+    }
   }
   return {
     format: 'qcow2',
@@ -57,6 +69,7 @@ function qcow2Target(o: CreateOptions): MeasureTarget & { version: number; luks:
     preallocation: p as MeasureTarget['preallocation'] & string,
     version,
     luks,
+    luksBytes,
   };
 }
 
@@ -72,6 +85,7 @@ export async function cmdMeasure(argv: string[], io: Io): Promise<number> {
   let outputArg = 'human';
   let size: bigint | undefined;
   let imageOpts = false;
+  const objects: string[] = [];
   for (const o of options) {
     const v = o.value!;
     switch (o.name) {
@@ -101,8 +115,11 @@ export async function cmdMeasure(argv: string[], io: Io): Promise<number> {
       case 'image-opts':
         imageOpts = true;
         break;
+      case 'object':
+        objects.push(v);
+        break;
       default:
-        break; // -U, --object
+        break; // -U
     }
   }
   const output = parseOutputFormat(outputArg);
@@ -115,10 +132,16 @@ export async function cmdMeasure(argv: string[], io: Io): Promise<number> {
   if (file === undefined && size === undefined) throw new CliError('Either --size N or one filename must be specified.');
   if (imageOpts && format !== undefined) throw new CliError('--image-opts and --format are mutually exclusive');
 
+  const secrets = secretsFromObjects(objects);
   let src: BlockDriver | undefined;
   try {
     if (file !== undefined) {
-      src = await openForCli(file, { imageOpts, ...(format !== undefined ? { format } : {}), ...(snapshot ? { snapshot } : {}) });
+      src = await openForCli(file, {
+        imageOpts,
+        ...(format !== undefined ? { format } : {}),
+        ...(snapshot ? { snapshot } : {}),
+        ...(secrets ? { secrets } : {}),
+      });
     }
     if (!QEMU_FORMATS.has(outFormat)) throw new CliError(`Unknown file format '${outFormat}'`);
     if (outFormat !== 'raw' && outFormat !== 'qcow2') {
@@ -134,8 +157,10 @@ export async function cmdMeasure(argv: string[], io: Io): Promise<number> {
     }
     let target: MeasureTarget;
     let bitmapsSupported = false;
+    let luksBytes = 0;
     if (outFormat === 'qcow2') {
-      const t = qcow2Target(opts);
+      const t = qcow2Target(opts, secrets);
+      luksBytes = t.luksBytes;
       target = t;
       bitmapsSupported = t.version >= 3;
     } else target = { format: 'raw' };
@@ -161,6 +186,7 @@ export async function cmdMeasure(argv: string[], io: Io): Promise<number> {
     } catch (e) {
       throw e instanceof CliError ? e : new CliError(messageOf(e));
     }
+    result = { ...result, required: result.required + luksBytes, fullyAllocated: result.fullyAllocated + luksBytes };
     if (output === 'json') {
       const out: Record<string, number> = { required: result.required, 'fully-allocated': result.fullyAllocated };
       if (result.bitmaps !== undefined) out.bitmaps = result.bitmaps;

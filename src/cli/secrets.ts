@@ -10,7 +10,7 @@
  * (32 bytes) with the given IV (base64), as QEMU's secret object allows.
  */
 import * as fs from 'node:fs';
-import * as nodeCrypto from 'node:crypto';
+import { createRequire } from 'node:module';
 import { CliError } from './errors.js';
 
 export type SecretMap = Map<string, Uint8Array>;
@@ -90,6 +90,8 @@ function decryptSecret(ciphertext: Uint8Array, key: Uint8Array, ivText: string |
   if (key.length !== 32) throw new CliError('Key should be 32 bytes in length');
   if (iv.length !== 16) throw new CliError('IV should be 16 bytes in length not ' + iv.length);
   if (ciphertext.length % 16) throw new CliError(`Length ${ciphertext.length} must be a multiple of block size 16`);
+  // node:crypto is loaded only here (it costs every command a few ms of start-up otherwise).
+  const nodeCrypto = createRequire(import.meta.url)('node:crypto') as typeof import('node:crypto');
   const d = nodeCrypto.createDecipheriv('aes-256-cbc', key, iv).setAutoPadding(false);
   const plain = new Uint8Array(Buffer.concat([d.update(ciphertext), d.final()]));
   const pad = plain.length ? plain[plain.length - 1]! : 0;

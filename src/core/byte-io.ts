@@ -28,6 +28,8 @@ export interface ByteIO {
   allocatedSize?(): Promise<number>;
   /** Punch a hole (deallocate) so the range reads as zeros; optional. */
   punchHole?(offset: number, length: number): Promise<void>;
+  /** Allocate storage for the range (fallocate); false where the platform cannot. Optional. */
+  allocate?(offset: number, length: number): Promise<boolean>;
 }
 
 /** Opens other files relative to an image: backing files, external data files. */
@@ -79,6 +81,7 @@ export function ignoringFlushes(provider: IOProvider): IOProvider {
     ...(io.dataRuns ? { dataRuns: (offset: number, length: number) => io.dataRuns!(offset, length) } : {}),
     ...(io.allocatedSize ? { allocatedSize: () => io.allocatedSize!() } : {}),
     ...(io.punchHole ? { punchHole: (offset: number, length: number) => io.punchHole!(offset, length) } : {}),
+    ...(io.allocate ? { allocate: (offset: number, length: number) => io.allocate!(offset, length) } : {}),
   });
   return {
     ...provider,

@@ -19,7 +19,10 @@ import {
   type Preallocation,
   type Qcow2CreateParams,
 } from '../formats/qcow2/create-options.js';
-import { computeQcow2Layout, writeQcow2Layout } from '../formats/qcow2/create.js';
+import { computeQcow2Layout, writeQcow2Layout, type WriteLayoutExtra } from '../formats/qcow2/create.js';
+import { parseEncryptCreateChoice, resolveEncryptCreate } from '../formats/crypto/options.js';
+import { createQcow, QCOW_CREATE_OPTS } from '../formats/qcow/create.js';
+import { buildQcow2LuksHeader } from '../formats/crypto/qcow2.js';
 
 export interface CreateImageRequest {
   filename: string;
@@ -39,14 +42,18 @@ export interface CreateImageRequest {
   onFormatting?: (line: string) => void;
   /** Non-fatal warnings (qemu-img's "warning: ..." lines), without prefix. */
   onWarning?: (message: string) => void;
+  /** Secrets by id (`--object secret,...`), for `encrypt.key-secret`. */
+  secrets?: ReadonlyMap<string, Uint8Array>;
 }
 
 export interface CreateImageResult {
-  format: CreateFormat;
+  format: CreateFormat | 'qcow';
   /** Virtual size as given/derived (before rounding). */
   size: bigint;
   formatting: string;
   qcow2?: Qcow2CreateParams;
+  /** `encrypt.key-secret` of an encrypted image (what opening it needs). */
+  keySecret?: string;
 }
 
 const U64_MAX = (1n << 64n) - 1n;
@@ -72,12 +79,12 @@ export async function createImage(req: CreateImageRequest, provider: IOProvider)
   const fn = req.filename;
   const fail = (msg: string, code: QcowError['code'] = 'EINVAL') => new QcowError(code, `${fn}: ${msg}`);
   const fmt = req.format ?? 'raw';
-  if (fmt !== 'qcow2' && fmt !== 'raw') {
+  if (fmt !== 'qcow2' && fmt !== 'raw' && fmt !== 'qcow') {
     if (OTHER_QEMU_FORMATS.includes(fmt)) throw fail(`Creating '${fmt}' images is not supported by qcowkit yet`, 'ENOTSUP');
     throw fail(`Unknown file format '${fmt}'`);
   }
-  const format: CreateFormat = fmt;
-  const opts = new CreateOptions(mergedOpts(format));
+  const format: CreateFormat | 'qcow' = fmt;
+  const opts = new CreateOptions(format === 'qcow' ? QCOW_CREATE_OPTS : mergedOpts(format));
   const warnings: string[] = [];
   try {
     for (const o of req.options ?? []) opts.parse(o, warnings);
@@ -113,7 +120,7 @@ export async function createImage(req: CreateImageRequest, provider: IOProvider)
     let backingSize: number;
     let detected: string;
     try {
-      if (backingFmt !== undefined && backingFmt !== 'qcow2' && backingFmt !== 'raw') {
+      if (backingFmt !== undefined && backingFmt !== 'qcow2' && backingFmt !== 'raw' && backingFmt !== 'qcow') {
         throw new QcowError('EINVAL', `Unknown driver '${backingFmt}'`);
       }
       const drv = await openImage(full, { io: provider, format: backingFmt, readOnly: true, noBacking: true });
@@ -143,6 +150,8 @@ export async function createImage(req: CreateImageRequest, provider: IOProvider)
 
   const hint = opts.big('extent_size_hint');
   if (hint !== undefined && hint > 0xffffffffn) throw fail('Extent size hint is too large');
+
+  if (format === 'qcow') return createQcowImage(req, provider, opts, formatting, size);
 
   if (format === 'raw') {
     let mode: Exclude<Preallocation, 'metadata'>;
@@ -182,6 +191,13 @@ export async function createImage(req: CreateImageRequest, provider: IOProvider)
   let io: ByteIO | undefined;
   let dio: ByteIO | undefined;
   try {
+    // Encryption: the secret is looked up and the LUKS header made (PBKDF2 calibration) only now,
+    // as QEMU does after the file exists; a failure removes the file like any other.
+    const extra: WriteLayoutExtra = {};
+    if (params.encryption) {
+      const spec = resolveEncryptCreate(params.encryption, req.secrets);
+      if (spec.format === 'luks') extra.cryptoBlob = (await buildQcow2LuksHeader(layout.clusterSize, spec.luks)).blob;
+    }
     if (dataFile !== undefined) {
       dio = await provider.create!(dataFile);
       const mode = params.preallocation === 'metadata' ? 'off' : params.preallocation;
@@ -192,7 +208,7 @@ export async function createImage(req: CreateImageRequest, provider: IOProvider)
       dio = undefined;
     }
     io = await openForCreate(provider, fn);
-    await writeQcow2Layout(io, layout);
+    await writeQcow2Layout(io, layout, extra);
     await io.flush();
     await io.close();
     io = undefined;
@@ -202,7 +218,61 @@ export async function createImage(req: CreateImageRequest, provider: IOProvider)
     await cleanup();
     throw prefixed(fn, e);
   }
-  return { format, size, formatting, qcow2: params };
+  return {
+    format,
+    size,
+    formatting,
+    qcow2: params,
+    ...(params.encryption?.keySecret !== undefined ? { keySecret: params.encryption.keySecret } : {}),
+  };
+}
+
+/**
+ * qcow (version 1), as qemu-img 7.2's qcow driver makes it: option checks that come before the
+ * file (the `encryption` alias), then the file is created and, on a later failure (preallocation
+ * mode, encryption format, secret), left behind empty as qemu-img leaves it. Legacy AES only sets
+ * crypt_method (the key is the password; nothing else is stored).
+ */
+async function createQcowImage(
+  req: CreateImageRequest,
+  provider: IOProvider,
+  opts: CreateOptions,
+  formatting: string,
+  size: bigint,
+): Promise<CreateImageResult> {
+  const fn = req.filename;
+  let choice: ReturnType<typeof parseEncryptCreateChoice>;
+  try {
+    if (opts.has('encrypt.format') && opts.has('encryption')) {
+      throw new QcowError('EINVAL', "'encrypt.format' and its alias 'encryption' can't be used at the same time");
+    }
+    choice = parseEncryptCreateChoice((k) => opts.str(k), opts.bool('encryption'));
+  } catch (e) {
+    throw prefixed(fn, e);
+  }
+  const rounded = (size + 511n) & ~511n;
+  const io = await openForCreate(provider, fn);
+  try {
+    const prealloc = opts.str('preallocation');
+    if (prealloc !== undefined && !['off', 'falloc', 'full'].includes(prealloc)) {
+      throw new QcowError('EINVAL', prealloc === 'metadata' ? 'Unsupported preallocation mode: metadata' : `invalid parameter value: ${prealloc}`);
+    }
+    if (choice && opts.str('encrypt.format') === 'luks') throw new QcowError('EINVAL', 'Unsupported encryption format');
+    if (choice) resolveEncryptCreate(choice, req.secrets);
+    if (rounded > BigInt(Number.MAX_SAFE_INTEGER)) throw new QcowError('EFBIG', "The image size is too large for file format 'qcow'");
+    const backingFile = opts.str('backing_file');
+    await createQcow(io, { size: Number(rounded), ...(backingFile !== undefined ? { backingFile } : {}), ...(choice ? { encrypt: true } : {}) });
+    await io.close();
+  } catch (e) {
+    await io.close().catch(() => {});
+    throw prefixed(fn, e);
+  }
+  return {
+    format: 'qcow',
+    size,
+    formatting,
+    ...(choice?.keySecret !== undefined ? { keySecret: choice.keySecret } : {}),
+  };
 }
 
 async function openForCreate(provider: IOProvider, name: string): Promise<ByteIO> {
@@ -225,7 +295,7 @@ async function writeZeros(io: ByteIO, offset: number, length: number): Promise<v
 /**
  * A raw file of `size` bytes (rounded up to 512 like qemu's file driver). off/falloc: a sparse
  * file whose first block (up to 4 KiB) is written with zeros, as qemu's file driver does so that
- * the first block is allocated; Node has no fallocate(), so falloc leaves the rest sparse too.
+ * the first block is allocated; falloc then allocates the whole file (where the platform can).
  * full: zeros written everywhere.
  */
 export async function createRawFile(
@@ -253,6 +323,7 @@ export async function createRawFile(
   }
   if (mode === 'full') await writeZeros(io, 0, len);
   else if (len > 0) await io.write(new Uint8Array(Math.min(4096, len)), 0);
+  if (mode === 'falloc' && len > 0) await io.allocate?.(0, len);
 }
 
 /** Grow a file to `length` with a preallocation mode (full writes zeros over the new part). */
@@ -261,5 +332,6 @@ async function extendFile(io: ByteIO, length: number, mode: Exclude<Preallocatio
   if (length <= cur) return;
   await io.truncate(length);
   if (mode === 'full') await writeZeros(io, cur, length - cur);
+  else if (mode === 'falloc') await io.allocate?.(cur, length - cur);
 }
 

@@ -325,10 +325,11 @@ describe('create: failures like qemu-img', () => {
     expect(failures).toEqual([]);
   });
 
-  it('encryption is refused clearly', async () => {
-    const { u } = await both((img) => ['-f', 'qcow2', '-o', 'encrypt.format=luks,encrypt.key-secret=s0', img, '1M']);
+  it('encryption with an unknown secret is refused like qemu-img (no file left)', async () => {
+    const { q, u } = await both((img) => ['-f', 'qcow2', '-o', 'encrypt.format=luks,encrypt.key-secret=s0', img, '1M']);
     expect(u.result.code).toBe(1);
-    expect(ourMessage(u.result.stderr)).toMatch(/: encryption is not supported yet$/);
+    expect(ourMessage(u.result.stderr)).toMatch(/: No secret with id 's0'$/);
+    expect(ourMessage(u.result.stderr)).toBe(qemuMessage(q.result.stderr));
     expect(fs.readdirSync(u.dir)).toEqual([]);
   });
 

@@ -369,7 +369,7 @@ describe('hostile and unusual qcow v1 headers', () => {
     expect(err.message).toMatch(/^Could not open backing file: .*good\.qcow/);
   });
 
-  it('encrypted image (qemu-img create -o encrypt.format=aes): info works, reads are refused', async () => {
+  it('encrypted image (qemu-img create -o encrypt.format=aes): info works, reads without the key are refused', async () => {
     await must(
       qemuImg(['create', '-q', '-f', 'qcow', '--object', 'secret,id=s0,data=pw', '-o', 'encrypt.format=aes,encrypt.key-secret=s0', 'enc.qcow', '1M'], {
         cwd: dir,
@@ -382,7 +382,7 @@ describe('hostile and unusual qcow v1 headers', () => {
     );
     const d = await openAny(path.join(dir, 'enc.qcow'));
     expect(d.info()).toMatchObject({ encrypted: true, clusterSize: 4096 });
-    await expect(d.read(0, 512)).rejects.toThrow('encryption not supported yet');
+    await expect(d.read(0, 512)).rejects.toThrow("the image is encrypted and was opened without a key: Parameter 'encrypt.key-secret' is required for cipher");
     // Block status works (no host offsets for encrypted data), as in qemu-img map.
     // (qemu-img needs the key to open the image for map; we do not.)
     const m = await must(

@@ -217,8 +217,8 @@ describe('qcow2 option checks in qemu-img order', () => {
     ['refcount_bits=18446744073709551615', "Parameter 'refcount-bits' expects integer"],
     ['encrypt.cipher-alg=aes', "Parameter 'encrypt.format' is missing"],
     ['encrypt.format=bogus', "Parameter 'format' does not accept value 'bogus'"],
-    ['encrypt.format=luks', 'encryption is not supported yet'],
-    ['encryption=on', 'encryption is not supported yet'],
+    ['encrypt.format=luks,encrypt.cipher-alg=aes-512', "Parameter 'cipher-alg' does not accept value 'aes-512'"],
+    ['encrypt.format=aes,encrypt.iter-time=10', "Parameter 'encrypt.iter-time' is unexpected"],
   ])('%s', (list, want) => {
     expect(message(() => params(list, '1M'))).toBe(want);
   });

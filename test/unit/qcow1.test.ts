@@ -513,7 +513,7 @@ describe('qcow driver (in memory)', () => {
     await expect(r.read(0, 512)).rejects.toThrow(/could not decompress/);
   });
 
-  it('refuses reads and writes of encrypted images but opens them read-only', async () => {
+  it('refuses reads and writes of encrypted images opened without a key but opens them read-only', async () => {
     const p = new MemoryProvider();
     const io = new MemoryIO('e.qcow');
     p.files.set('e.qcow', io);
@@ -521,8 +521,8 @@ describe('qcow driver (in memory)', () => {
     await io.write(new Uint8Array([0, 0, 0, 1]), 36);
     const d = await openMem(p, 'e.qcow', true);
     expect(d.info().encrypted).toBe(true);
-    await expect(d.read(0, 512)).rejects.toThrow('encryption not supported yet');
-    await expect(openMem(p, 'e.qcow', false)).rejects.toThrow(/encrypted/);
+    await expect(d.read(0, 512)).rejects.toThrow('the image is encrypted and was opened without a key');
+    await expect(openMem(p, 'e.qcow', false)).rejects.toThrow("Parameter 'encrypt.key-secret' is required for cipher");
   });
 
   it('refuses writes when read-only and requests past the end', async () => {

@@ -11,27 +11,31 @@ import { xorInto } from './bytes.js';
  * Diffusion: the block is cut into digest-sized pieces; piece i becomes H(be32(i) ‖ piece),
  * truncated to the piece's length (the last piece may be shorter).
  */
-function diffuse(be: CryptoBackend, hash: HashAlg, block: Uint8Array): void {
+function diffuse(be: CryptoBackend, hash: HashAlg, block: Uint8Array, scratch: Uint8Array): void {
   const dl = HASH_LENGTH[hash];
-  const counter = new Uint8Array(4);
   for (let i = 0, off = 0; off < block.length; i++, off += dl) {
     const len = Math.min(dl, block.length - off);
-    counter[0] = (i >>> 24) & 0xff;
-    counter[1] = (i >>> 16) & 0xff;
-    counter[2] = (i >>> 8) & 0xff;
-    counter[3] = i & 0xff;
-    const d = be.hash(hash, counter, block.subarray(off, off + len));
-    block.set(d.subarray(0, len), off);
+    // One input buffer (counter ‖ piece): thousands of hashes per key, one native call each.
+    scratch[0] = (i >>> 24) & 0xff;
+    scratch[1] = (i >>> 16) & 0xff;
+    scratch[2] = (i >>> 8) & 0xff;
+    scratch[3] = i & 0xff;
+    for (let k = 0; k < len; k++) scratch[4 + k] = block[off + k]!;
+    const d = be.hash(hash, scratch.subarray(0, 4 + len));
+    for (let k = 0; k < len; k++) block[off + k] = d[k]!;
   }
 }
 
 /** XOR-and-diffuse over the first stripes-1 stripes. */
 function fold(be: CryptoBackend, hash: HashAlg, material: Uint8Array, n: number, stripes: number): Uint8Array {
   const d = new Uint8Array(n);
+  const scratch = new Uint8Array(4 + HASH_LENGTH[hash]);
   for (let s = 0; s < stripes - 1; s++) {
-    xorInto(d, material.subarray(s * n, (s + 1) * n));
-    diffuse(be, hash, d);
+    const base = s * n;
+    for (let k = 0; k < n; k++) d[k] = d[k]! ^ material[base + k]!;
+    diffuse(be, hash, d, scratch);
   }
+  scratch.fill(0);
   return d;
 }
 

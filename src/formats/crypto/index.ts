@@ -10,7 +10,10 @@ export { createLuksHeader, luksHeaderLength, luksInfo, unlockLuks, pbkdf2Rate, I
 export type { LuksCreateOptions, LuksCreated } from './luks.js';
 export { decodeLuksHeader, encodeLuksHeader, validateLuksHeader, luksParams } from './luks-header.js';
 export type { LuksHeader, LuksKeySlot, LuksParams } from './luks-header.js';
-export { parseEncryptCreateOptions, secretPassword } from './options.js';
-export type { EncryptCreateSpec } from './options.js';
+export { parseEncryptCreateOptions, parseEncryptCreateChoice, resolveEncryptCreate, secretPassword } from './options.js';
+export type { EncryptCreateSpec, EncryptCreateChoice } from './options.js';
 export { makeSectorCipher, SECTOR_SIZE } from './sector-cipher.js';
 export type { SectorCipher, SectorCipherSpec } from './sector-cipher.js';
+export { checkLuksAmendOptions, prepareLuksAmend, prepareQcow2LuksAmend, qcow2LuksArea } from './luks-amend.js';
+export type { LuksAmendOptions, LuksArea, LuksAmendContext } from './luks-amend.js';
+export { checkLuksKeyMaterial, fillKeySlot, loadKeySlot, slotIterations } from './luks.js';

@@ -44,6 +44,17 @@ export async function unlockLuks(h: LuksHeader, p: LuksParams, read: LuksReader,
   throw new QcowError('EINVAL', INVALID_PASSWORD);
 }
 
+/**
+ * The master key if `password` opens slot `index` (undefined when it does not or the slot is
+ * inactive), QEMU's qcrypto_block_luks_load_key.
+ */
+export async function loadKeySlot(h: LuksHeader, p: LuksParams, index: number, read: LuksReader, password: Uint8Array, be: CryptoBackend): Promise<Uint8Array | undefined> {
+  checkSupported(p.spec);
+  const slot = h.slots[index]!;
+  if (slot.active !== LUKS_SLOT_ENABLED) return undefined;
+  return tryKeySlot(h, p, slot, read, password, be);
+}
+
 async function tryKeySlot(
   h: LuksHeader,
   p: LuksParams,
@@ -115,6 +126,24 @@ export function luksHeaderLength(o: Pick<LuksCreateOptions, 'cipherAlg' | 'ciphe
   return LUKS_KEY_SLOT_OFFSET + LUKS_NUM_SLOTS * slotAreaBytes(keyBytes);
 }
 
+/**
+ * QEMU 7.2 encrypts a key slot's split key (key bytes × 4000) as whole 512-byte sectors and aborts
+ * on anything else (an assertion in crypto/block.c): 24-byte keys (aes-192 in cbc or ecb mode) and
+ * 8-byte keys cannot be used. qcowkit refuses to make such a header rather than an image QEMU
+ * cannot open.
+ */
+export function checkLuksKeyMaterial(o: Pick<LuksCreateOptions, 'cipherAlg' | 'cipherMode'> = {}): void {
+  const alg = o.cipherAlg ?? LUKS_DEFAULTS.cipherAlg;
+  const mode = o.cipherMode ?? LUKS_DEFAULTS.cipherMode;
+  const keyBytes = masterKeyBytes({ cipherAlg: alg, mode });
+  if ((keyBytes * LUKS_STRIPES) % SECTOR_SIZE) {
+    throw new QcowError(
+      'ENOTSUP',
+      `Cipher ${alg}-${mode} is not supported for LUKS images: its key material (${keyBytes * LUKS_STRIPES} bytes) is not a whole number of 512-byte sectors, which QEMU cannot process`,
+    );
+  }
+}
+
 function slotAreaBytes(keyBytes: number): number {
   return Math.ceil((keyBytes * LUKS_STRIPES) / LUKS_ALIGN) * LUKS_ALIGN;
 }
@@ -145,6 +174,14 @@ function itersFor(rate: number, hash: HashAlg, outLen: number, ms: number, divis
   return Math.max(n, floor);
 }
 
+/** QEMU takes iter-time as unsigned: a negative one overflows its scaling (same message). */
+export function checkIterTime(rate: number, hash: HashAlg, iterTime: number): void {
+  if (!Number.isFinite(iterTime) || iterTime < 0) {
+    const perSecond = Math.floor(rate / Math.ceil(LUKS_DIGEST_LEN / HASH_LENGTH[hash]));
+    throw new QcowError('ERANGE', `PBKDF iterations ${perSecond} too large to scale: Numerical result out of range`);
+  }
+}
+
 function uuidV4(be: CryptoBackend): string {
   const b = be.randomBytes(16);
   b[6] = (b[6]! & 0x0f) | 0x40;
@@ -162,8 +199,8 @@ export async function createLuksHeader(o: LuksCreateOptions, be: CryptoBackend):
   const params = luksCreateParams(o);
   const { spec, hash } = params;
   checkSupported(spec);
+  checkLuksKeyMaterial(o);
   const iterTime = o.iterTime ?? LUKS_DEFAULTS.iterTime;
-  if (!Number.isFinite(iterTime) || iterTime < 0) throw new QcowError('ERANGE', 'PBKDF iterations too large to scale: Numerical result out of range');
   const names = luksNames(spec);
   const keyBytes = names.keyBytes;
   const masterKey = be.randomBytes(keyBytes);
@@ -171,6 +208,7 @@ export async function createLuksHeader(o: LuksCreateOptions, be: CryptoBackend):
   makeSectorCipher(spec, masterKey, be);
 
   const rate = pbkdf2Rate(be, hash, o.calibrationMs);
+  checkIterTime(rate, hash, iterTime);
   const mkIters = itersFor(rate, hash, LUKS_DIGEST_LEN, iterTime, 8, LUKS_MIN_MASTER_KEY_ITERS);
   const mkDigestSalt = be.randomBytes(LUKS_SALT_LEN);
   const mkDigest = await be.pbkdf2(hash, masterKey, mkDigestSalt, mkIters, LUKS_DIGEST_LEN);
@@ -203,20 +241,47 @@ export async function createLuksHeader(o: LuksCreateOptions, be: CryptoBackend):
 
   // Slot 0: the password's PBKDF2 key encrypts the anti-forensic split of the master key.
   const slot = slots[0]!;
-  slot.salt = be.randomBytes(LUKS_SALT_LEN);
-  slot.iterations = itersFor(rate, hash, keyBytes, iterTime, 1, LUKS_MIN_SLOT_ITERS);
-  const slotKey = await be.pbkdf2(hash, o.secret, slot.salt, slot.iterations, keyBytes);
-  const split = afSplit(be, hash, masterKey, LUKS_STRIPES);
-  const material = new Uint8Array(slotSectors(keyBytes, LUKS_STRIPES) * SECTOR_SIZE);
-  material.set(split);
-  makeSectorCipher(spec, slotKey, be).encrypt(material, 0);
-  slot.active = LUKS_SLOT_ENABLED;
+  const material = await fillKeySlot(header, params, slot, masterKey, o.secret, slotIterations(rate, hash, keyBytes, iterTime), be);
 
   const blob = new Uint8Array(payloadBytes);
   blob.set(encodeLuksHeader(header), 0);
-  blob.set(material.subarray(0, split.length), slot.keyMaterialOffset * SECTOR_SIZE);
-  wipe(slotKey, split, material);
+  blob.set(material, slot.keyMaterialOffset * SECTOR_SIZE);
+  wipe(material);
   return { header, blob, masterKey, params };
+}
+
+/** PBKDF2 iterations of a key slot for `iterTime` ms (QEMU: the 1-second count scaled, at least 1000). */
+export function slotIterations(rate: number, hash: HashAlg, keyBytes: number, iterTime: number): number {
+  checkIterTime(rate, hash, iterTime);
+  return itersFor(rate, hash, keyBytes, iterTime, 1, LUKS_MIN_SLOT_ITERS);
+}
+
+/**
+ * Store `masterKey` under `password` in `slot` (in memory): new salt, the given iterations, 4000
+ * stripes, active. Returns the slot's encrypted key material (exactly the split key's length) to
+ * write at `slot.keyMaterialOffset` sectors — before the header that marks the slot active.
+ */
+export async function fillKeySlot(
+  h: LuksHeader,
+  p: LuksParams,
+  slot: LuksKeySlot,
+  masterKey: Uint8Array,
+  password: Uint8Array,
+  iterations: number,
+  be: CryptoBackend,
+): Promise<Uint8Array> {
+  slot.salt = be.randomBytes(LUKS_SALT_LEN);
+  slot.iterations = iterations;
+  slot.stripes = LUKS_STRIPES;
+  const slotKey = await be.pbkdf2(p.hash, password, slot.salt, slot.iterations, h.keyBytes);
+  const split = afSplit(be, p.hash, masterKey, LUKS_STRIPES);
+  const material = new Uint8Array(slotSectors(h.keyBytes, LUKS_STRIPES) * SECTOR_SIZE);
+  material.set(split);
+  makeSectorCipher(p.spec, slotKey, be).encrypt(material, 0);
+  slot.active = LUKS_SLOT_ENABLED;
+  const out = material.slice(0, split.length);
+  wipe(slotKey, split, material);
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------

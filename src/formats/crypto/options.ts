@@ -86,16 +86,21 @@ function oneOf<T extends string>(param: string, v: string | undefined, allowed: 
   return v as T;
 }
 
+/** The encryption a set of creation options asks for, before the secret is looked up. */
+export type EncryptCreateChoice =
+  | { format: 'aes'; keySecret?: string }
+  | { format: 'luks'; keySecret?: string; luks: Omit<LuksCreateOptions, 'secret'> };
+
 /**
- * Read the encryption creation options. `get` returns an option's text (`encrypt.iter-time` may
+ * Read the encryption creation options, checking their values (what QEMU checks while converting
+ * the options, before the image is made). `get` returns an option's text (`encrypt.iter-time` may
  * also come as a number); `legacyEncryption` is the deprecated `encryption=on` (= format aes).
  * Returns undefined when the image is not to be encrypted.
  */
-export function parseEncryptCreateOptions(
+export function parseEncryptCreateChoice(
   get: (name: string) => string | number | undefined,
-  secrets: ReadonlyMap<string, Uint8Array> | undefined,
   legacyEncryption = false,
-): EncryptCreateSpec | undefined {
+): EncryptCreateChoice | undefined {
   const str = (k: string) => {
     const v = get(k);
     return v === undefined ? undefined : String(v);
@@ -103,11 +108,10 @@ export function parseEncryptCreateOptions(
   const format = str('encrypt.format') ?? (legacyEncryption ? 'aes' : undefined);
   if (format === undefined) return undefined;
   oneOf('format', format, ['aes', 'luks']);
+  const id = str('encrypt.key-secret');
   if (format === 'aes') {
     for (const k of LUKS_ONLY_OPTIONS) if (get(k) !== undefined) throw fail(`Parameter '${k}' is unexpected`);
-    const id = str('encrypt.key-secret');
-    if (id === undefined) throw fail("Parameter 'encrypt.key-secret' is required for cipher");
-    return { format: 'aes', secret: secretPassword(secrets, id) };
+    return id === undefined ? { format: 'aes' } : { format: 'aes', keySecret: id };
   }
   const cipherAlg = oneOf('cipher-alg', str('encrypt.cipher-alg'), CREATE_CIPHER_ALGS);
   const cipherMode = oneOf<CipherMode>('cipher-mode', str('encrypt.cipher-mode'), CIPHER_MODES);
@@ -120,14 +124,33 @@ export function parseEncryptCreateOptions(
     iterTime = typeof it === 'number' ? it : /^\s*-?\d+\s*$/.test(it) ? Number(it) : NaN;
     if (!Number.isFinite(iterTime)) throw fail("Parameter 'encrypt.iter-time' expects a number");
   }
-  const id = str('encrypt.key-secret');
-  if (id === undefined) throw fail("Parameter 'encrypt.key-secret' is required for cipher");
-  const luks: LuksCreateOptions = { secret: secretPassword(secrets, id) };
+  const luks: Omit<LuksCreateOptions, 'secret'> = {};
   if (cipherAlg !== undefined) luks.cipherAlg = cipherAlg;
   if (cipherMode !== undefined) luks.cipherMode = cipherMode;
   if (ivgenAlg !== undefined) luks.ivgenAlg = ivgenAlg;
   if (ivgenHashAlg !== undefined) luks.ivgenHashAlg = ivgenHashAlg;
   if (hashAlg !== undefined) luks.hashAlg = hashAlg;
   if (iterTime !== undefined) luks.iterTime = iterTime;
-  return { format: 'luks', luks };
+  return id === undefined ? { format: 'luks', luks } : { format: 'luks', keySecret: id, luks };
+}
+
+/** The secret of a choice: QEMU's "key-secret is required" / "No secret with id" checks. */
+export function resolveEncryptCreate(choice: EncryptCreateChoice, secrets: ReadonlyMap<string, Uint8Array> | undefined): EncryptCreateSpec {
+  if (choice.keySecret === undefined) throw fail("Parameter 'encrypt.key-secret' is required for cipher");
+  const secret = secretPassword(secrets, choice.keySecret);
+  if (choice.format === 'aes') return { format: 'aes', secret };
+  return { format: 'luks', luks: { ...choice.luks, secret } };
+}
+
+/**
+ * Read the encryption creation options and look up the secret (both steps above).
+ * Returns undefined when the image is not to be encrypted.
+ */
+export function parseEncryptCreateOptions(
+  get: (name: string) => string | number | undefined,
+  secrets: ReadonlyMap<string, Uint8Array> | undefined,
+  legacyEncryption = false,
+): EncryptCreateSpec | undefined {
+  const choice = parseEncryptCreateChoice(get, legacyEncryption);
+  return choice && resolveEncryptCreate(choice, secrets);
 }

@@ -5,7 +5,10 @@
  * few bulk AES calls plus word-wide XORs in JavaScript:
  *
  * - XTS: the per-sector tweaks are all encrypted in one ECB call, the per-block tweaks derived by
- *   doubling in GF(2^128), then one ECB call over (data XOR tweaks).
+ *   doubling in GF(2^128), then one ECB call over (data XOR tweaks). The tweak passes run in a
+ *   small WebAssembly function (xts-wasm.ts) on whole sectors, in JavaScript otherwise.
+ * - Requests are processed in 64 KiB slices: the ECB output buffers stay small (recycled by the
+ *   allocator instead of fresh pages per call) and in cache for the pass that follows.
  * - CBC decrypt: one ECB call, then XOR with the previous ciphertext block (or the sector's IV).
  * - CBC encrypt is sequential inside a sector, so the sectors are processed side by side: one ECB
  *   call per block position (32 calls for any number of sectors).
@@ -16,10 +19,13 @@
 import { QcowError } from '../../core/errors.js';
 import { HASH_LENGTH, type AesEcb, type CryptoBackend, type HashAlg } from '../../codecs/crypto-registry.js';
 import { LITTLE_ENDIAN, putLe64, words, wordsBack } from './bytes.js';
+import { XTS_WASM_SLICE, xtsWasm } from './xts-wasm.js';
 
 export const SECTOR_SIZE = 512;
 const BLOCK = 16;
 const BLOCKS_PER_SECTOR = SECTOR_SIZE / BLOCK;
+/** Bytes handled per bulk cipher call (a whole number of sectors). */
+const SLICE_BYTES = XTS_WASM_SLICE;
 
 export type CipherMode = 'ecb' | 'cbc' | 'xts' | 'ctr';
 export type IvgenAlg = 'plain' | 'plain64' | 'essiv';
@@ -150,6 +156,14 @@ class AesSectorCipher implements SectorCipher {
   private run(buf: Uint8Array, first: number, enc: boolean): void {
     if (buf.length % BLOCK) throw new QcowError('EINVAL', 'Encrypted data must be a whole number of 16-byte blocks');
     if (!buf.length) return;
+    // Large requests go in slices: the cipher's output buffers stay small enough to be recycled by
+    // the allocator (no fresh pages per call) and hot in the cache for the XOR pass that follows.
+    if (buf.length > SLICE_BYTES) {
+      for (let off = 0; off < buf.length; off += SLICE_BYTES) {
+        this.run(buf.subarray(off, Math.min(buf.length, off + SLICE_BYTES)), first + off / SECTOR_SIZE, enc);
+      }
+      return;
+    }
     switch (this.spec.mode) {
       case 'ecb':
         buf.set(enc ? this.data.encrypt(buf) : this.data.decrypt(buf));
@@ -172,6 +186,19 @@ class AesSectorCipher implements SectorCipher {
    */
   private xts(buf: Uint8Array, first: number, enc: boolean): void {
     const n = Math.ceil(buf.length / SECTOR_SIZE);
+    const w = buf.length % SECTOR_SIZE === 0 && LITTLE_ENDIAN ? xtsWasm() : undefined;
+    if (w) {
+      // The same steps with the tweak passes in WebAssembly (whole sectors, one slice at most).
+      const len = buf.length;
+      w.heap.set(this.tweak!.encrypt(this.ivs(first, n)), w.tweaksAt);
+      w.heap.set(buf, 0);
+      w.xor(n);
+      const data = w.heap.subarray(0, len);
+      w.heap.set(enc ? this.data.encrypt(data) : this.data.decrypt(data), 0);
+      w.xor(n);
+      buf.set(w.heap.subarray(0, len));
+      return;
+    }
     const t0 = words(this.tweak!.encrypt(this.ivs(first, n))).w;
     const vb = words(buf);
     const b = vb.w;

@@ -16,7 +16,7 @@ export interface QcowCreateParams {
   backingFile?: string;
   /** Not stored (qcow v1 has no backing format); kept for symmetry with qcow2. */
   backingFormat?: string;
-  /** Legacy AES encryption: not supported (creation is refused). */
+  /** Legacy AES encryption (crypt_method 1; the key is the password, nothing else is stored). */
   encrypt?: boolean;
 }
 
@@ -24,8 +24,8 @@ const ZERO_CHUNK = 1 << 20;
 
 /** Write a new empty qcow image to `io` (which should be empty). Returns the layout written. */
 export async function createQcow(io: ByteIO, params: QcowCreateParams): Promise<QcowCreateLayout> {
-  if (params.encrypt) throw new QcowError('ENOTSUP', 'qcow encryption (encrypt.format=aes) is not supported yet');
   const layout = qcowCreateLayout({ size: params.size, backingFile: params.backingFile });
+  if (params.encrypt) new DataView(layout.headerBytes.buffer, layout.headerBytes.byteOffset, layout.headerBytes.byteLength).setUint32(36, 1);
   await io.truncate(0);
   await io.write(layout.headerBytes, 0);
   // Padding between the name and the L1 table, then the L1 table itself: all zeros, written (not

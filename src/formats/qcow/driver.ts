@@ -8,6 +8,11 @@
  * and written by flush in crash-safe order: data, barrier, L2 tables, barrier, L1 entries, barrier.
  * A crash therefore loses at most the writes since the last flush and leaves only unreferenced
  * space behind (qcow has no refcounts, so that is harmless).
+ *
+ * Legacy AES encryption (crypt_method 1, src/formats/crypto/legacy-aes.ts): normal clusters hold
+ * AES-128-CBC sectors keyed by the guest sector number; compressed clusters are never encrypted
+ * (QEMU cannot make both). Opened with `encrypt.key-secret`; a read-only open without it works for
+ * `info` and refuses data access.
  */
 import { pushExtent as push } from '../../core/extents.js';
 import type { BlockDriver, DriverInfo, Extent, OpenOptions } from '../../core/block-driver.js';
@@ -28,6 +33,9 @@ import {
   type QcowHeader,
 } from './header.js';
 import { QcowL2Cache } from './l2-cache.js';
+import type { DataCipher } from '../qcow2/data-cipher.js';
+import { openLegacyAes } from '../crypto/legacy-aes.js';
+import { encryptionLockedError } from '../crypto/qcow2.js';
 
 export interface QcowOpenOptions extends OpenOptions {
   readOnly: boolean;
@@ -79,6 +87,8 @@ export class QcowDriver implements BlockDriver {
   private lock: Promise<void> = Promise.resolve();
   private decompressed = new Map<number, Promise<Uint8Array>>();
   private closed = false;
+  /** Legacy AES: set when the image is encrypted and was opened with its key. */
+  private cipher?: DataCipher;
 
   private constructor(init: {
     io: ByteIO;
@@ -116,11 +126,18 @@ export class QcowDriver implements BlockDriver {
     if (g.backingFileOffset && g.backingFileSize && g.backingFileOffset < fileSize) {
       backingFile = decodeBackingName(await readFully(io, g.backingFileOffset, g.backingFileSize));
     }
-    if (g.cryptMethod !== QCOW_CRYPT_NONE && !opts.readOnly) {
-      throw new QcowError('ENOTSUP', `Could not open '${io.name}': encrypted qcow images are not supported yet`);
-    }
+    // Legacy AES: the key from encrypt.key-secret (a writable open needs it, like QEMU).
+    const cipher =
+      g.cryptMethod !== QCOW_CRYPT_NONE
+        ? openLegacyAes({
+            readOnly: opts.readOnly,
+            ...(opts.secrets ? { secrets: opts.secrets } : {}),
+            ...(opts.keySecret !== undefined ? { keySecret: opts.keySecret } : {}),
+          })
+        : undefined;
     const l1 = await readFully(io, g.l1TableOffset, g.l1Size * 8);
     const drv = new QcowDriver({ io, header, g, l1, backingFile, readOnly: opts.readOnly, fileSize, l2CacheBytes: opts.l2CacheBytes });
+    if (cipher) drv.cipher = cipher;
     if (backingFile !== undefined && !opts.noBacking) {
       const name = opts.provider.resolve(io.name, backingFile);
       try {
@@ -225,7 +242,7 @@ export class QcowDriver implements BlockDriver {
   }
 
   private checkDataAccess() {
-    if (this.encrypted) throw new QcowError('ENOTSUP', `Could not read '${this.filename}': encryption not supported yet`);
+    if (this.encrypted && !this.cipher) throw encryptionLockedError(this.filename);
   }
 
   async read(offset: number, length: number): Promise<Uint8Array> {
@@ -250,7 +267,8 @@ export class QcowDriver implements BlockDriver {
   private async readMapped(m: Mapping, sub: Uint8Array, guestOffset: number): Promise<void> {
     switch (m.type) {
       case 'normal':
-        await readInto(this.io, sub, m.hostOffset);
+        if (this.cipher) await this.readEncrypted(sub, m.hostOffset, guestOffset);
+        else await readInto(this.io, sub, m.hostOffset);
         return;
       case 'unallocated':
         await this.readBacking(sub, guestOffset);
@@ -262,6 +280,21 @@ export class QcowDriver implements BlockDriver {
         return;
       }
     }
+  }
+
+  /** Read the whole sectors around a stored range, decrypt them, copy out the part asked for. */
+  private async readEncrypted(sub: Uint8Array, host: number, guest: number): Promise<void> {
+    const head = guest % SECTOR;
+    const len = alignUp(head + sub.length, SECTOR);
+    if (head === 0 && len === sub.length) {
+      await readInto(this.io, sub, host);
+      await this.cipher!.decrypt(sub, host, guest);
+      return;
+    }
+    const buf = new Uint8Array(len);
+    await readInto(this.io, buf, host - head);
+    await this.cipher!.decrypt(buf, host - head, guest - head);
+    sub.set(buf.subarray(head, head + sub.length));
   }
 
   private async readBacking(sub: Uint8Array, guestOffset: number): Promise<void> {
@@ -384,9 +417,19 @@ export class QcowDriver implements BlockDriver {
    * where the write does not cover it. Data first, then the in-memory L2/L1 updates.
    */
   private async writeLocked(offset: number, data: Uint8Array): Promise<void> {
+    if (this.cipher && (offset % SECTOR || data.length % SECTOR)) {
+      // Encryption works on whole sectors: complete the edges with the current content.
+      const start = offset - (offset % SECTOR);
+      const end = Math.min(alignUp(offset + data.length, SECTOR), this.size);
+      const buf = new Uint8Array(alignUp(end - start, SECTOR));
+      await this.readInto(buf.subarray(0, end - start), start);
+      buf.set(data, offset - start);
+      offset = start;
+      data = buf.subarray(0, end - start);
+    }
     const cs = this.g.clusterSize;
     const { l1Coverage, l2Entries } = this.g;
-    const pieces: Array<{ host: number; buf: Uint8Array }> = [];
+    const pieces: Array<{ host: number; buf: Uint8Array; guest: number }> = [];
     const installs: Array<{ l1i: number; l2i: number; hi: number; lo: number }> = [];
     const newTables = new Map<number, number>(); // l1 index -> table offset
     const end = offset + data.length;
@@ -407,7 +450,7 @@ export class QcowDriver implements BlockDriver {
           : ({ type: 'unallocated' } as const);
         if (e.type === 'normal') {
           this.checkDataOffset(e.offset, ci);
-          pieces.push({ host: e.offset + a, buf: src });
+          pieces.push({ host: e.offset + a, buf: src, guest: pos });
         } else {
           let buf: Uint8Array;
           if (n === cs) buf = src;
@@ -428,7 +471,7 @@ export class QcowDriver implements BlockDriver {
           }
           const host = alignUp(this.eof, cs);
           this.eof = host + cs;
-          pieces.push({ host, buf });
+          pieces.push({ host, buf, guest: ci * cs });
           installs.push({ l1i, l2i, hi: Math.floor(host / TWO32), lo: host % TWO32 });
         }
         pos += n;
@@ -438,8 +481,16 @@ export class QcowDriver implements BlockDriver {
     await this.install(newTables, installs);
   }
 
-  /** Write host pieces, merging neighbours into larger requests. */
-  private async writePieces(pieces: Array<{ host: number; buf: Uint8Array }>): Promise<void> {
+  /** Write host pieces (encrypted first, on copies, when the image is), merging neighbours into larger requests. */
+  private async writePieces(pieces: Array<{ host: number; buf: Uint8Array; guest: number }>): Promise<void> {
+    if (this.cipher) {
+      for (const p of pieces) {
+        const c = new Uint8Array(alignUp(p.buf.length, SECTOR));
+        c.set(p.buf);
+        await this.cipher.encrypt(c, p.host, p.guest);
+        p.buf = c.subarray(0, p.buf.length);
+      }
+    }
     let i = 0;
     while (i < pieces.length) {
       const group = [pieces[i]!];
@@ -519,6 +570,7 @@ export class QcowDriver implements BlockDriver {
    */
   async writeCompressed(offset: number, compressed: Uint8Array): Promise<void> {
     const cs = this.g.clusterSize;
+    if (this.encrypted) throw new QcowError('ENOTSUP', 'Compression and encryption not supported at the same time');
     if (offset % cs) throw new QcowError('EINVAL', 'Compressed writes must be cluster aligned');
     this.checkWritable(offset, Math.min(cs, this.size - offset));
     if (compressed.length === 0 || compressed.length >= cs) {

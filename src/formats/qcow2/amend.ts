@@ -1,9 +1,11 @@
 /**
- * `amend` for qcow2: compat 0.10 ↔ 1.1, lazy_refcounts, backing_file / backing_fmt, data_file /
- * data_file_raw, size. (refcount_bits changes rebuild the refcount structures: see check's rebuild.)
+ * `amend` for qcow2: compat 0.10 ↔ 1.1, lazy_refcounts, refcount_bits (new refcount structures
+ * switched in by one header write: amend-refcount.ts), backing_file / backing_fmt, data_file /
+ * data_file_raw, size.
  */
 import { QcowError } from '../../core/errors.js';
 import * as C from './constants.js';
+import { amendRefcountBits } from './amend-refcount.js';
 import { entryOffset } from './cluster-map.js';
 import type { Qcow2Driver } from './driver.js';
 import type { Qcow2Header } from './header.js';
@@ -16,6 +18,8 @@ export interface AmendOptions {
   dataFile?: string;
   dataFileRaw?: boolean;
   size?: number;
+  /** New refcount width (v3 images; a power of two up to 64). */
+  refcountBits?: number;
 }
 
 const COPIED_HI = 0x80000000;
@@ -33,7 +37,7 @@ function validate(drv: Qcow2Driver, o: AmendOptions): void {
   if (o.compat === '0.10' && h.version === 3) {
     const incompat = h.incompatibleFeatures & ~(C.INCOMPAT_DIRTY | C.INCOMPAT_CORRUPT);
     if (incompat) throw new QcowError('ENOTSUP', `Cannot downgrade an image with incompatible features 0x${incompat.toString(16)} set`);
-    if (h.refcountOrder !== 4) throw new QcowError('ENOTSUP', 'compat=0.10 requires refcount_bits=16');
+    if ((o.refcountBits ?? 2 ** h.refcountOrder) !== 16) throw new QcowError('ENOTSUP', 'compat=0.10 requires refcount_bits=16');
     if (drv.bitmaps.length) throw new QcowError('ENOTSUP', 'Cannot downgrade an image with persistent bitmaps');
   }
   if ((o.dataFile !== undefined || o.dataFileRaw !== undefined) && !(h.incompatibleFeatures & C.INCOMPAT_DATA_FILE)) {
@@ -46,6 +50,18 @@ function validate(drv: Qcow2Driver, o: AmendOptions): void {
 
 export async function amendQcow2(drv: Qcow2Driver, o: AmendOptions): Promise<void> {
   validate(drv, o);
+  if (o.refcountBits !== undefined && o.refcountBits !== 2 ** drv.header.refcountOrder) {
+    const { refcountBits, ...rest } = o;
+    if (rest.compat === '1.1' && drv.header.version === 2) {
+      // A new width needs v3: upgrade (and the rest) first.
+      await amendQcow2(drv, rest);
+      await amendRefcountBits(drv, refcountBits);
+      return;
+    }
+    // A downgrade needs 16 bits: change the width first.
+    await amendRefcountBits(drv, refcountBits);
+    o = rest;
+  }
   const h = drv.header;
   if (o.size !== undefined && o.size !== drv.size) {
     if (o.size < drv.size) throw new QcowError('EINVAL', 'qcow2 amend cannot shrink images; use resize --shrink');
@@ -90,6 +106,11 @@ export async function amendQcow2(drv: Qcow2Driver, o: AmendOptions): Promise<voi
 /**
  * v2 images have no zero flag: zero clusters become real zeros (allocated where a backing file
  * could otherwise show through, unallocated where nothing would), in every L1 table.
+ *
+ * A preallocated zero cluster is zeroed in place only when nothing but this L2 table references
+ * it. QEMU 7.2 zeroes it in place even when a snapshot still reads its data through another
+ * table (`write -z` after a snapshot keeps the shared cluster), corrupting that snapshot; here it
+ * is handled like an unpreallocated zero cluster and the reference to the shared one dropped.
  */
 async function expandZeroClusters(drv: Qcow2Driver): Promise<void> {
   const w = drv.writer!;
@@ -111,10 +132,12 @@ async function expandZeroClusters(drv: Qcow2Driver): Promise<void> {
         const e = await w.getEntry(l2, k);
         if (e.hi & COMPRESSED_HI || !(e.lo & 1)) continue;
         const host = entryOffset(e.hi, e.lo);
-        if (host) {
+        if (host && (await w.refcounts.get(host / cs)) === l2Refs) {
           await drv.rawWrite(zeros, host);
           await w.setEntry(l2, k, { ...e, lo: (e.lo & ~1) >>> 0 });
-        } else if (!hasBacking) {
+          continue;
+        }
+        if (!hasBacking) {
           await w.setEntry(l2, k, { hi: 0, lo: 0, bhi: 0, blo: 0 });
         } else {
           const at = await w.refcounts.allocate(1);
@@ -123,8 +146,14 @@ async function expandZeroClusters(drv: Qcow2Driver): Promise<void> {
           const hi = Math.floor(at / 0x100000000) | (l2Refs === 1 ? COPIED_HI : 0);
           await w.setEntry(l2, k, { hi: hi >>> 0, lo: at >>> 0, bhi: 0, blo: 0 });
         }
+        // The shared cluster loses the references this table held (once it no longer points there).
+        if (host) freeTimes(w, host / cs, l2Refs);
       }
     }
   }
   await w.flush();
+}
+
+function freeTimes(w: NonNullable<Qcow2Driver['writer']>, cluster: number, times: number): void {
+  for (let r = 0; r < times; r++) w.refcounts.free(cluster);
 }

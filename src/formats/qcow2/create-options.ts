@@ -6,6 +6,8 @@
  * Pure code: no I/O.
  */
 import { QcowError } from '../../core/errors.js';
+import { parseEncryptCreateChoice, type EncryptCreateChoice } from '../crypto/options.js';
+import { luksHeaderLength } from '../crypto/luks.js';
 
 export type OptType = 'string' | 'size' | 'number' | 'bool';
 
@@ -352,6 +354,12 @@ export interface Qcow2CreateParams {
   backingFormat?: string;
   dataFile?: string;
   dataFileRaw: boolean;
+  /**
+   * Encryption: legacy AES (crypt_method 1) or LUKS (crypt_method 2, whose header of
+   * `luksHeaderLength` bytes gets clusters after everything else create allocates). The secret is
+   * looked up later (`resolveEncryptCreate`), as QEMU does once the file exists.
+   */
+  encryption?: EncryptCreateChoice & { luksHeaderLength?: number };
 }
 
 const V3_ONLY = 'compatibility level 1.1 and above (use version=v3 or greater)';
@@ -387,6 +395,11 @@ export function qcow2ParamsFromOptions(opts: CreateOptions): Qcow2CreateParams {
     if (opts.bool('encryption')) throw fail("'encrypt.format' and its alias 'encryption' can't be used at the same time");
     enumValue('format', encryptFormat, ['aes', 'luks'], 'aes');
   }
+  const encryption = parseEncryptCreateChoice((k) => {
+    const v = opts.get(k);
+    if (v === undefined) return undefined;
+    return typeof v.value === 'bigint' ? Number(BigInt.asIntN(64, v.value)) : v.str;
+  }, opts.bool('encryption'));
   const refcountOpt = opts.get('refcount_bits');
   if (refcountOpt?.notInt64) throw fail("Parameter 'refcount-bits' expects integer");
   const preallocation = enumValue('preallocation', opts.str('preallocation'), ['off', 'metadata', 'falloc', 'full'], 'off');
@@ -436,9 +449,10 @@ export function qcow2ParamsFromOptions(opts: CreateOptions): Qcow2CreateParams {
   if ((rounded + perL1 - 1n) / perL1 > BigInt(MAX_L1_ENTRIES)) {
     throw fail("The image size is too large for file format 'qcow2' (try using a larger cluster size)");
   }
-  if (encryptFormat !== undefined || opts.bool('encryption')) {
-    throw new QcowError('ENOTSUP', 'encryption is not supported yet');
-  }
+  let enc: Qcow2CreateParams['encryption'];
+  if (encryption?.format === 'luks') {
+    enc = { ...encryption, luksHeaderLength: luksHeaderLength(encryption.luks) };
+  } else if (encryption) enc = encryption;
   return {
     size: rounded,
     version,
@@ -453,6 +467,7 @@ export function qcow2ParamsFromOptions(opts: CreateOptions): Qcow2CreateParams {
     backingFormat,
     dataFile,
     dataFileRaw,
+    ...(enc ? { encryption: enc } : {}),
   };
 }
 

@@ -134,13 +134,15 @@ export interface Qcow2Layout {
   fileLength: number;
   /** preallocation=full: zeros written to this byte range of the image file. */
   zeroFill?: { offset: number; length: number };
-  /** preallocation=falloc: this byte range would be fallocate()d (Node has no fallocate: left sparse). */
+  /** preallocation=falloc: this byte range is fallocate()d (left sparse where the platform cannot). */
   fallocRange?: { offset: number; length: number };
   /**
    * With an external data file and preallocation: the length the data file is extended to (the end
    * of the last data cluster), using the preallocation mode (metadata: sparse).
    */
   dataFileLength?: number;
+  /** LUKS: the clusters holding the LUKS header (`length` bytes of it, the rest of the clusters zero). */
+  crypto?: { cluster: number; clusters: number; length: number };
 }
 
 const INV = -1;
@@ -504,7 +506,20 @@ export function computeQcow2Layout(p: Qcow2CreateParams): Qcow2Layout {
     }
   }
 
+  // Encryption: QEMU sets it up last, the LUKS header in the first free clusters (zero-filled).
+  let crypto: Qcow2Layout['crypto'];
+  if (p.encryption?.format === 'luks') {
+    const length = p.encryption.luksHeaderLength ?? 0;
+    if (!(length > 0)) throw new QcowError('EINVAL', 'qcow2 create: LUKS header length missing');
+    const clusters = Math.ceil(length / cs);
+    const cluster = m.allocClusters(clusters);
+    m.touch(cluster * cs, clusters * cs);
+    crypto = { cluster, clusters, length };
+  }
+
   const header = qcow2CreateHeader(p);
+  if (p.encryption) header.cryptMethod = p.encryption.format === 'luks' ? C.CRYPT_LUKS : C.CRYPT_AES;
+  if (crypto) header.cryptoHeader = { offset: crypto.cluster * cs, length: crypto.length };
   header.l1Size = l1Entries;
   header.l1TableOffset = l1Cluster * cs;
   header.refcountTableOffset = m.rtCluster * cs;
@@ -526,6 +541,7 @@ export function computeQcow2Layout(p: Qcow2CreateParams): Qcow2Layout {
     zeroFill,
     fallocRange,
     dataFileLength,
+    ...(crypto ? { crypto } : {}),
   };
 }
 
@@ -659,10 +675,23 @@ const ZERO_CHUNK = 4 * 1024 * 1024;
  * Write a fresh qcow2 image into `io` (which must be empty: a newly created or truncated file).
  * The data of an external data file is not touched here.
  */
-export async function createQcow2(io: ByteIO, params: Qcow2CreateParams): Promise<Qcow2Layout> {
+export async function createQcow2(io: ByteIO, params: Qcow2CreateParams, extra: WriteLayoutExtra = {}): Promise<Qcow2Layout> {
   const layout = computeQcow2Layout(params);
-  await writeQcow2Layout(io, layout);
+  await writeQcow2Layout(io, layout, extra);
   return layout;
+}
+
+export interface WriteLayoutExtra {
+  /** LUKS: the header blob (from buildQcow2LuksHeader) for `layout.crypto`'s clusters. */
+  cryptoBlob?: Uint8Array;
+}
+
+/** Granularity at which the LUKS blob's all-zero parts are left as holes. */
+const BLOB_CHUNK = 4096;
+
+function isAllZero(b: Uint8Array): boolean {
+  for (let i = 0; i < b.length; i++) if (b[i] !== 0) return false;
+  return true;
 }
 
 /**
@@ -670,14 +699,34 @@ export async function createQcow2(io: ByteIO, params: Qcow2CreateParams): Promis
  * stays bounded by the write batch), only its non-zero bytes unless it covers bytes QEMU left
  * behind in a freed cluster, neighbours joined into large writes; everything else stays a hole.
  */
-export async function writeQcow2Layout(io: ByteIO, layout: Qcow2Layout): Promise<void> {
+export async function writeQcow2Layout(io: ByteIO, layout: Qcow2Layout, extra: WriteLayoutExtra = {}): Promise<void> {
   const cs = layout.clusterSize;
   interface Item {
     offset: number;
     length: number;
     encode: () => Uint8Array;
+    /** Write even when all zero (it covers stale bytes). */
+    keepZero?: boolean;
   }
   const items: Item[] = [];
+  if (layout.crypto) {
+    const blob = extra.cryptoBlob;
+    const span = layout.crypto.clusters * cs;
+    if (!blob || blob.length < layout.crypto.length || blob.length > span) {
+      throw new QcowError('EINVAL', 'qcow2 create: the LUKS header does not fit the clusters reserved for it');
+    }
+    const base = layout.crypto.cluster * cs;
+    for (let o = 0; o < span; o += BLOB_CHUNK) {
+      const n = Math.min(BLOB_CHUNK, span - o);
+      const piece = o < blob.length ? blob.subarray(o, Math.min(blob.length, o + n)) : new Uint8Array(0);
+      const data = piece.length === n ? piece : (() => {
+        const b = new Uint8Array(n);
+        b.set(piece);
+        return b;
+      })();
+      items.push({ offset: base + o, length: n, encode: () => data, keepZero: true });
+    }
+  }
   const headerBytes = encodeCreateHeader(layout.header, layout.size);
   items.push({ offset: 0, length: cs, encode: () => headerBytes });
   items.push({
@@ -730,6 +779,7 @@ export async function writeQcow2Layout(io: ByteIO, layout: Qcow2Layout): Promise
   const w = new BatchWriter(io);
   for (const it of items) {
     const data = it.encode();
+    if (it.keepZero && !staleSpans.some((s) => overlaps(s, it)) && isAllZero(data)) continue;
     if (staleSpans.some((s) => overlaps(s, it))) await w.add({ offset: it.offset, data });
     else {
       const t = trimZeros({ offset: it.offset, data });
@@ -738,4 +788,5 @@ export async function writeQcow2Layout(io: ByteIO, layout: Qcow2Layout): Promise
   }
   await w.flush();
   if ((await io.size()) !== layout.fileLength) await io.truncate(layout.fileLength);
+  if (layout.fallocRange) await io.allocate?.(layout.fallocRange.offset, layout.fallocRange.length);
 }

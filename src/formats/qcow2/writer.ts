@@ -16,7 +16,7 @@ import { corruption, entryOffset, type ClusterMap, type Geometry } from './clust
 import type { L2Cache } from './l2-cache.js';
 import { Refcounts } from './refcount.js';
 import type { Qcow2Header } from './header.js';
-import { CRYPT_SECTOR, type DataCipher } from './data-cipher.js';
+import { CRYPT_SECTOR, giveCryptBuffer, takeCryptBuffer, type DataCipher } from './data-cipher.js';
 
 const COPIED_HI = 0x80000000;
 const COMPRESSED_HI = 0x40000000;
@@ -461,12 +461,16 @@ export class Qcow2Writer {
     }
     const head = guest % CRYPT_SECTOR;
     const len = Math.ceil((head + data.length) / CRYPT_SECTOR) * CRYPT_SECTOR;
-    const buf = new Uint8Array(len);
-    if (head) await this.h.readGuest(buf.subarray(0, CRYPT_SECTOR), guest - head);
-    if ((head + data.length) % CRYPT_SECTOR) await this.h.readGuest(buf.subarray(len - CRYPT_SECTOR), guest - head + len - CRYPT_SECTOR);
-    buf.set(data, head);
-    await cipher.encrypt(buf, host - head, guest - head);
-    await this.h.dataIO.write(buf, host - head);
+    const buf = takeCryptBuffer(len); // every byte is set below
+    try {
+      if (head) await this.h.readGuest(buf.subarray(0, CRYPT_SECTOR), guest - head);
+      if ((head + data.length) % CRYPT_SECTOR) await this.h.readGuest(buf.subarray(len - CRYPT_SECTOR), guest - head + len - CRYPT_SECTOR);
+      buf.set(data, head);
+      await cipher.encrypt(buf, host - head, guest - head);
+      await this.h.dataIO.write(buf, host - head);
+    } finally {
+      giveCryptBuffer(buf);
+    }
   }
 
   /**
