@@ -8,13 +8,11 @@
  * the old structures (unused garbage at worst); after it, the new structures describe the new
  * state exactly (the replaced old structures have refcount 0 in them, free for reuse).
  */
-import { readFully } from '../../core/byte-io.js';
 import { QcowError } from '../../core/errors.js';
 import { corruption, entryOffset } from './cluster-map.js';
 import { QCOW_MAX_REFTABLE_SIZE } from './constants.js';
 import type { Qcow2Driver } from './driver.js';
-import { getRefcount, Refcounts, setRefcount } from './refcount.js';
-import type { Qcow2Writer } from './writer.js';
+import { getRefcount, setRefcount } from './refcount.js';
 
 export class ShadowRefcounts {
   readonly cs: number;
@@ -47,7 +45,7 @@ export class ShadowRefcounts {
     const h = drv.header;
     const raw = await drv.readMetadata(h.refcountTableOffset, h.refcountTableClusters * s.cs, 'refcount table');
     const dv = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
-    let end = Math.ceil((await fileSize(drv)) / s.cs);
+    let end = Math.ceil((await drv.fileLength()) / s.cs);
     for (let i = 0; i < raw.length / 8; i++) {
       const off = entryOffset(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4));
       if (off % s.cs) throw corruption(`refcount block ${i} is not cluster aligned`);
@@ -214,41 +212,9 @@ export class ShadowRefcounts {
   }
 }
 
-/** Size of the image file (the driver keeps its ByteIO protected). */
-function fileSize(drv: Qcow2Driver): Promise<number> {
-  return (drv as unknown as { io: { size(): Promise<number> } }).io.size();
-}
-
-/**
- * After the header switched to new refcount structures (and maybe a new active L1): reload the
- * writer's refcount cache, the driver's L1 and its L2 cache. Hook: Qcow2Writer / Qcow2Driver have
- * no public way to replace these; the fields are set here through casts (see the report in issue 5).
- */
-export async function reloadAfterSwitch(drv: Qcow2Driver, l1?: Uint8Array): Promise<void> {
-  const w = drv.writer as Qcow2Writer;
-  const h = drv.header;
-  const io = (drv as unknown as { io: import('../../core/byte-io.js').ByteIO }).io;
-  const rc = await Refcounts.load({
-    io,
-    clusterBits: h.clusterBits,
-    refcountOrder: h.refcountOrder,
-    reftableOffset: h.refcountTableOffset,
-    reftableClusters: h.refcountTableClusters,
-    onReftableMoved: async (offset, clusters) => {
-      h.refcountTableOffset = offset;
-      h.refcountTableClusters = clusters;
-      const b = new Uint8Array(12);
-      const dv = new DataView(b.buffer);
-      dv.setBigUint64(0, BigInt(offset));
-      dv.setUint32(8, clusters);
-      await io.write(b, 48);
-    },
-  });
-  (w as unknown as { refcounts: Refcounts }).refcounts = rc;
-  if (l1) (drv as unknown as { map: { l1: Uint8Array } }).map.l1 = l1;
-  // Clusters the old state used may now hold other tables (written around the cache): forget
-  // every cached L2 slice (nothing is dirty: the caller flushed before building the new state).
-  (drv as unknown as { l2cache: { clear(): void } }).l2cache.clear();
+/** After the header switched to new refcount structures (and maybe a new active L1). */
+export function reloadAfterSwitch(drv: Qcow2Driver, l1?: Uint8Array): Promise<void> {
+  return drv.reloadMetadata(l1);
 }
 
 /** Read a whole L2 table (for copying). */
@@ -297,7 +263,7 @@ export async function amendRefcountBits(drv: Qcow2Driver, bits: number): Promise
     dv.setBigUint64(32, h.compatibleFeatures);
     dv.setBigUint64(40, h.autoclearFeatures);
     dv.setUint32(48, order);
-    const cur = await readFully((drv as unknown as { io: import('../../core/byte-io.js').ByteIO }).io, 48, 52);
+    const cur = await drv.readImageBytes(48, 52);
     if (!sameBytes(cur.subarray(12, 48), b.subarray(12, 48))) throw new QcowError('EIO', 'header changed under amend');
     await drv.rawWrite(b, 48);
     await w.barrier();

@@ -577,6 +577,33 @@ export class Qcow2Driver implements BlockDriver {
     return this.loadMetadata(offset, length, what);
   }
 
+  /** Bytes of the image file as they are on disk (metadata writers checking before a switch). */
+  readImageBytes(offset: number, length: number): Promise<Uint8Array> {
+    return readFully(this.io, offset, length);
+  }
+
+  /** With a raw external data file (data_file_raw), the data file grows with the virtual size. */
+  async growRawDataFile(size: number): Promise<void> {
+    if (!this.g.dataFile || this.dataIO === this.io || !(this.header.autoclearFeatures & C.AUTOCLEAR_DATA_FILE_RAW)) return;
+    if ((await this.dataIO.size()) < size) await this.dataIO.truncate(size);
+  }
+
+  /** Current length of the image file. */
+  fileLength(): Promise<number> {
+    return this.io.size();
+  }
+
+  /**
+   * After a header write switched to metadata built beside the old (amend refcount_bits, v2
+   * snapshot operations): load the new refcount structures, take the new active L1 table if
+   * given, and forget every cached L2 slice (their clusters may hold other tables now).
+   */
+  async reloadMetadata(l1?: Uint8Array): Promise<void> {
+    await this.writer?.reloadRefcounts();
+    if (l1) this.map.l1 = l1;
+    this.l2cache.clear();
+  }
+
   /** Write raw bytes into the image file (metadata writers only). */
   async rawWrite(data: Uint8Array, offset: number): Promise<void> {
     await this.io.write(data, offset);

@@ -9,9 +9,7 @@
  *    clusters, and QEMU refuses that growth ("Failed to zero out new clusters") — so do we,
  *    before changing anything.
  */
-import type { ByteIO } from '../../core/byte-io.js';
 import { QcowError } from '../../core/errors.js';
-import * as C from './constants.js';
 import type { Qcow2Driver } from './driver.js';
 
 export async function resizeQcow2Image(drv: Qcow2Driver, newSize: number): Promise<void> {
@@ -24,11 +22,7 @@ export async function resizeQcow2Image(drv: Qcow2Driver, newSize: number): Promi
   const b = drv.backing;
   const zeroNew = newSize > old && b !== undefined && b.size > old;
   if (zeroNew && drv.header.version < 3) throw new QcowError('ENOTSUP', 'Failed to zero out new clusters: Operation not supported');
-  // The driver keeps its files protected: the data file of a raw external data file grows with the image.
-  const files = drv as unknown as { io: ByteIO; dataIO: ByteIO };
-  if (drv.g.dataFile && newSize > old && files.dataIO !== files.io && drv.header.autoclearFeatures & C.AUTOCLEAR_DATA_FILE_RAW) {
-    if ((await files.dataIO.size()) < newSize) await files.dataIO.truncate(newSize);
-  }
+  if (newSize > old) await drv.growRawDataFile(newSize);
   await w.resize(newSize);
   drv.size = newSize;
   if (zeroNew) await drv.writeZeroes(old, Math.min(newSize, b!.size) - old);

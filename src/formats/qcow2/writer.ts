@@ -77,7 +77,8 @@ interface RunPlan {
 }
 
 export class Qcow2Writer {
-  readonly refcounts: Refcounts;
+  /** Replaced only by reloadRefcounts(). */
+  refcounts: Refcounts;
   private l1Dirty = new Set<number>();
   private started = false;
   private lock: Promise<void> = Promise.resolve();
@@ -92,8 +93,13 @@ export class Qcow2Writer {
   }
 
   static async create(h: WriterHost): Promise<Qcow2Writer> {
+    return new Qcow2Writer(h, await Qcow2Writer.loadRefcounts(h));
+  }
+
+  /** The refcount structures the header points to (a moved reftable updates the header). */
+  private static loadRefcounts(h: WriterHost): Promise<Refcounts> {
     const hdr = h.header;
-    const rc = await Refcounts.load({
+    return Refcounts.load({
       io: h.io,
       clusterBits: hdr.clusterBits,
       refcountOrder: hdr.refcountOrder,
@@ -109,7 +115,14 @@ export class Qcow2Writer {
         await h.io.write(b, 48);
       },
     });
-    return new Qcow2Writer(h, rc);
+  }
+
+  /**
+   * After the header switched to refcount structures built beside the old ones (amend
+   * refcount_bits, v2 snapshot operations): load them. Nothing may be dirty (the caller flushed).
+   */
+  async reloadRefcounts(): Promise<void> {
+    this.refcounts = await Qcow2Writer.loadRefcounts(this.h);
   }
 
   /**
