@@ -232,7 +232,7 @@ async function hasCompressedClusters(drv: Qcow2Driver): Promise<boolean> {
       if (!l2 || seen.has(l2)) continue;
       seen.add(l2);
       for (let k = 0; k < drv.g.l2Entries; k++) {
-        if ((await w.getEntry(l2, k)).hi & 0x40000000) return true;
+        if ((await w.tables.getEntry(l2, k)).hi & 0x40000000) return true;
       }
     }
   }

@@ -129,22 +129,22 @@ async function expandZeroClusters(drv: Qcow2Driver): Promise<void> {
       seen.add(l2);
       const l2Refs = await w.refcounts.get(l2 / cs);
       for (let k = 0; k < g.l2Entries; k++) {
-        const e = await w.getEntry(l2, k);
+        const e = await w.tables.getEntry(l2, k);
         if (e.hi & COMPRESSED_HI || !(e.lo & 1)) continue;
         const host = entryOffset(e.hi, e.lo);
         if (host && (await w.refcounts.get(host / cs)) === l2Refs) {
           await drv.rawWrite(zeros, host);
-          await w.setEntry(l2, k, { ...e, lo: (e.lo & ~1) >>> 0 });
+          await w.tables.setEntry(l2, k, { ...e, lo: (e.lo & ~1) >>> 0 });
           continue;
         }
         if (!hasBacking) {
-          await w.setEntry(l2, k, { hi: 0, lo: 0, bhi: 0, blo: 0 });
+          await w.tables.setEntry(l2, k, { hi: 0, lo: 0, bhi: 0, blo: 0 });
         } else {
           const at = await w.refcounts.allocate(1);
           for (let r = 1; r < l2Refs; r++) await w.refcounts.update(at / cs, 1);
           await drv.rawWrite(zeros, at);
           const hi = Math.floor(at / 0x100000000) | (l2Refs === 1 ? COPIED_HI : 0);
-          await w.setEntry(l2, k, { hi: hi >>> 0, lo: at >>> 0, bhi: 0, blo: 0 });
+          await w.tables.setEntry(l2, k, { hi: hi >>> 0, lo: at >>> 0, bhi: 0, blo: 0 });
         }
         // The shared cluster loses the references this table held (once it no longer points there).
         if (host) freeTimes(w, host / cs, l2Refs);

@@ -67,7 +67,7 @@ export class SnapshotOps {
       if (l2 % this.cs) throw corruption(`L2 table offset 0x${l2.toString(16)} unaligned (L1 index: 0x${i.toString(16)})`);
       await fn(l2 / this.cs);
       for (let k = 0; k < g.l2Entries; k++) {
-        const e = await this.w.getEntry(l2, k);
+        const e = await this.w.tables.getEntry(l2, k);
         for (const c of this.entryClusters(e)) await fn(c);
       }
     }
@@ -99,19 +99,19 @@ export class SnapshotOps {
     const rc = this.w.refcounts;
     const l1 = this.drv.activeL1;
     for (let i = 0; i < l1.length / 8; i++) {
-      const { hi, lo } = this.w.l1Entry(i);
+      const { hi, lo } = this.w.tables.l1Entry(i);
       const l2 = entryOffset(hi, lo);
       if (!l2) continue;
       const shared = (await rc.get(l2 / this.cs)) !== 1;
-      if (shared === ((hi & COPIED_HI) !== 0)) this.w.setL1Entry(i, l2, !shared);
+      if (shared === ((hi & COPIED_HI) !== 0)) this.w.tables.setL1Entry(i, l2, !shared);
       for (let k = 0; k < g.l2Entries; k++) {
-        const e = await this.w.getEntry(l2, k);
+        const e = await this.w.tables.getEntry(l2, k);
         if (e.hi & COMPRESSED_HI) continue;
         const host = entryOffset(e.hi, e.lo);
         if (!host && !(g.dataFile && e.hi & COPIED_HI)) continue;
         const want = g.dataFile ? true : (await rc.get(host / this.cs)) === 1;
         if (want !== ((e.hi & COPIED_HI) !== 0)) {
-          await this.w.setEntry(l2, k, { ...e, hi: (want ? e.hi | COPIED_HI : e.hi & ~COPIED_HI) >>> 0 });
+          await this.w.tables.setEntry(l2, k, { ...e, hi: (want ? e.hi | COPIED_HI : e.hi & ~COPIED_HI) >>> 0 });
         }
       }
     }

@@ -1,25 +1,28 @@
 /**
- * The qcow2 write engine: allocating writes with copy-on-write, zero writes, discard, compressed
- * cluster writes, and the ordered flush that keeps the image consistent across a crash.
+ * The qcow2 write engine: allocating writes with copy-on-write (whole clusters, or subclusters
+ * with extended L2), zero writes, discard, compressed cluster writes, the dirty bit of lazy
+ * refcounts. Its parts: request-lock.ts (concurrency), l2-tables.ts (entries), refcount.ts
+ * (allocation), metadata-flush.ts (the crash-safe order of metadata writes), table-resize.ts.
  *
- * Ordering (a crash at any point leaves at worst leaked clusters):
- *  1. new clusters get their refcount before anything references them (refcount blocks written,
- *     then a barrier, before the L2/L1 entries that point to them);
- *  2. guest data is written before the L2 entry that points to it (same barrier);
- *  3. L2 tables are durable before a new L1 entry points to them;
- *  4. refcount decrements are applied only after the entries that dropped the reference are durable.
+ * Guest data is always written before the L2 entry that points to it, and new clusters get their
+ * refcount before anything references them; replaced clusters are released only after the new
+ * entries are durable. A crash at any point thus leaves at worst leaked clusters.
  */
 import type { ByteIO } from '../../core/byte-io.js';
 import { QcowError } from '../../core/errors.js';
 import * as C from './constants.js';
-import { corruption, entryOffset, type ClusterMap, type Geometry } from './cluster-map.js';
+import { entryOffset, type ClusterMap, type Geometry } from './cluster-map.js';
 import type { L2Cache } from './l2-cache.js';
 import { Refcounts } from './refcount.js';
 import type { Qcow2Header } from './header.js';
+import { RequestLock } from './request-lock.js';
+import { dropActiveState, resizeTables } from './table-resize.js';
+import { durableBarrier, flushDirtyMetadata } from './metadata-flush.js';
+import { COMPRESSED_HI, COPIED_HI, L2Tables, type Entry } from './l2-tables.js';
+
+export type { Entry } from './l2-tables.js';
 import { CRYPT_SECTOR, giveCryptBuffer, takeCryptBuffer, type DataCipher } from './data-cipher.js';
 
-const COPIED_HI = 0x80000000;
-const COMPRESSED_HI = 0x40000000;
 /** Largest data run written in one request. */
 const MAX_BATCH_BYTES = 32 << 20;
 
@@ -42,20 +45,6 @@ export interface WriterHost {
   readGuest(buf: Uint8Array, offset: number): Promise<void>;
 }
 
-export interface Entry {
-  hi: number;
-  lo: number;
-  bhi: number; // bitmap high word (zero bits)
-  blo: number; // bitmap low word (alloc bits)
-}
-
-/** A data write whose host clusters are chosen but whose L2 entries are not updated yet. */
-interface InflightRun {
-  /** Guest clusters [first, end). */
-  first: number;
-  end: number;
-  settled: Promise<void>;
-}
 
 /** One planned run (phase 1 of a write): where its data goes and what to record once written. */
 interface RunPlan {
@@ -79,16 +68,15 @@ interface RunPlan {
 export class Qcow2Writer {
   /** Replaced only by reloadRefcounts(). */
   refcounts: Refcounts;
-  private l1Dirty = new Set<number>();
   private started = false;
-  private lock: Promise<void> = Promise.resolve();
-  /** Guest data writes between planning and commit (their clusters are off limits to others). */
-  private readonly inflight = new Set<InflightRun>();
-  private exclusiveWaiting = 0;
+  private readonly requests = new RequestLock();
+  /** The active L1/L2 tables (entries, in-place writability, releasing replaced clusters). */
+  readonly tables: L2Tables;
   private readonly lazy: boolean;
 
   private constructor(private h: WriterHost, refcounts: Refcounts) {
     this.refcounts = refcounts;
+    this.tables = new L2Tables(h, () => this.refcounts);
     this.lazy = (h.header.compatibleFeatures & C.COMPAT_LAZY_REFCOUNTS) !== 0n;
   }
 
@@ -129,53 +117,8 @@ export class Qcow2Writer {
    * Run `fn` with exclusive access to metadata, once no guest data write is in flight (so `fn`
    * may change any mapping). Waiting exclusive operations hold back new data writes.
    */
-  async exclusive<T>(fn: () => Promise<T>): Promise<T> {
-    this.exclusiveWaiting++;
-    let release!: () => void;
-    try {
-      for (;;) {
-        while (this.inflight.size) await Promise.all([...this.inflight].map((r) => r.settled));
-        release = await this.acquire();
-        if (!this.inflight.size) break;
-        release();
-      }
-    } finally {
-      if (--this.exclusiveWaiting === 0) this.openGate();
-    }
-    try {
-      return await fn();
-    } finally {
-      release();
-    }
-  }
-
-  /** The metadata lock itself (FIFO). */
-  private async acquire(): Promise<() => void> {
-    const prev = this.lock;
-    let release!: () => void;
-    this.lock = new Promise((r) => (release = r));
-    await prev;
-    return release;
-  }
-
-  private gate?: { promise: Promise<void>; open: () => void };
-  private waitGate(): Promise<void> {
-    if (!this.gate) {
-      let open!: () => void;
-      const promise = new Promise<void>((r) => (open = r));
-      this.gate = { promise, open };
-    }
-    return this.gate.promise;
-  }
-  private openGate(): void {
-    this.gate?.open();
-    this.gate = undefined;
-  }
-
-  /** An in-flight run overlapping guest clusters [first, end), if any. */
-  private overlapping(first: number, end: number): InflightRun | undefined {
-    for (const r of this.inflight) if (r.first < end && first < r.end) return r;
-    return undefined;
+  exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    return this.requests.exclusive(fn);
   }
 
   private get cs(): number {
@@ -214,97 +157,6 @@ export class Qcow2Writer {
     await this.h.io.write(b, 72);
   }
 
-  // ---- L1 / L2 access -------------------------------------------------------------------
-
-  l1Entry(i: number): { hi: number; lo: number } {
-    const dv = new DataView(this.h.map.l1.buffer, this.h.map.l1.byteOffset + i * 8, 8);
-    return { hi: dv.getUint32(0), lo: dv.getUint32(4) };
-  }
-
-  setL1Entry(i: number, off: number, copied: boolean): void {
-    const dv = new DataView(this.h.map.l1.buffer, this.h.map.l1.byteOffset + i * 8, 8);
-    dv.setUint32(0, Math.floor(off / 0x100000000) | (copied ? COPIED_HI : 0));
-    dv.setUint32(4, off >>> 0);
-    this.l1Dirty.add(i);
-  }
-
-  /** The L2 table for L1 index `i`, allocated or copied so that it may be modified in place. */
-  private async writableL2(i: number): Promise<number> {
-    const { hi, lo } = this.l1Entry(i);
-    const off = entryOffset(hi, lo);
-    if (off % this.cs) throw corruption(`L2 table offset 0x${off.toString(16)} unaligned (L1 index: 0x${i.toString(16)})`);
-    if (off && hi & COPIED_HI) return off;
-    const cache = this.h.l2cache;
-    const fresh = await this.refcounts.allocate(1);
-    const sb = cache.sliceBytes;
-    for (let s = 0; s < this.cs; s += sb) {
-      const content = off ? (await cache.get(off + s)).slice() : new Uint8Array(sb);
-      cache.insert(fresh + s, content);
-      cache.markDirty(fresh + s);
-    }
-    this.setL1Entry(i, fresh, true);
-    if (off) this.refcounts.free(off / this.cs);
-    return fresh;
-  }
-
-  private async slice(l2: number, index: number): Promise<{ buf: Uint8Array; at: number; sliceOff: number }> {
-    const cache = this.h.l2cache;
-    const eb = this.h.g.entryBytes;
-    const byte = index * eb;
-    const sliceOff = l2 + byte - (byte % cache.sliceBytes);
-    const buf = await cache.get(sliceOff);
-    return { buf, at: byte % cache.sliceBytes, sliceOff };
-  }
-
-  async getEntry(l2: number, index: number): Promise<Entry> {
-    const { buf, at } = await this.slice(l2, index);
-    const dv = new DataView(buf.buffer, buf.byteOffset + at);
-    return this.h.g.extendedL2
-      ? { hi: dv.getUint32(0), lo: dv.getUint32(4), bhi: dv.getUint32(8), blo: dv.getUint32(12) }
-      : { hi: dv.getUint32(0), lo: dv.getUint32(4), bhi: 0, blo: 0 };
-  }
-
-  async setEntry(l2: number, index: number, e: Entry): Promise<void> {
-    const { buf, at, sliceOff } = await this.slice(l2, index);
-    const dv = new DataView(buf.buffer, buf.byteOffset + at);
-    dv.setUint32(0, e.hi >>> 0);
-    dv.setUint32(4, e.lo >>> 0);
-    if (this.h.g.extendedL2) {
-      dv.setUint32(8, e.bhi >>> 0);
-      dv.setUint32(12, e.blo >>> 0);
-    }
-    this.h.l2cache.markDirty(sliceOff);
-  }
-
-  /** Queue the release of whatever host storage `e` references (after the new entry is durable). */
-  private releaseOld(e: Entry): void {
-    if (e.hi & COMPRESSED_HI) {
-      const cb = this.h.g.clusterBits;
-      const x = 70 - cb;
-      const coff = (e.hi & ((1 << (x - 32)) - 1)) * 0x100000000 + (e.lo >>> 0);
-      const sectors = ((e.hi >>> (x - 32)) & ((1 << (cb - 8)) - 1)) + 1;
-      const start = coff - (coff % 512);
-      const first = Math.floor(start / this.cs);
-      const last = Math.floor((start + sectors * 512 - 1) / this.cs);
-      for (let c = first; c <= last; c++) this.refcounts.free(c);
-      return;
-    }
-    const host = entryOffset(e.hi, e.lo);
-    if (host && !this.dataFile) this.refcounts.free(host / this.cs);
-  }
-
-  private hostOf(e: Entry): number {
-    return e.hi & COMPRESSED_HI ? 0 : entryOffset(e.hi, e.lo);
-  }
-
-  /** Entry owns a host cluster that may be written in place. */
-  private inPlace(e: Entry): boolean {
-    if (e.hi & COMPRESSED_HI) return false;
-    const host = entryOffset(e.hi, e.lo);
-    if (this.dataFile) return host !== 0 || (e.hi & COPIED_HI) !== 0;
-    return host !== 0 && (e.hi & COPIED_HI) !== 0;
-  }
-
   // ---- writes ---------------------------------------------------------------------------
 
   /**
@@ -316,19 +168,18 @@ export class Qcow2Writer {
   async write(offset: number, data: Uint8Array): Promise<void> {
     let pos = 0;
     while (pos < data.length) {
-      const { plan, run, done } = await this.planWrite(offset + pos, data.subarray(pos));
+      const { plan, done } = await this.planWrite(offset + pos, data.subarray(pos));
       let failure: unknown;
       try {
         await this.writeData(plan.buf, plan.host, plan.guest);
       } catch (e) {
         failure = e;
       }
-      const release = await this.acquire();
+      const release = await this.requests.acquire();
       try {
         if (failure === undefined) await this.commitRun(plan);
         else if (!plan.inPlace && !this.dataFile) this.refcounts.free(plan.host / this.cs, plan.n);
       } finally {
-        this.inflight.delete(run);
         done();
         try {
           if (failure === undefined) await this.maybeFlushMetadata();
@@ -342,37 +193,18 @@ export class Qcow2Writer {
   }
 
   /** Phase 1 of a write: wait for a free path, then plan one run and register it in flight. */
-  private async planWrite(offset: number, data: Uint8Array): Promise<{ plan: RunPlan; run: InflightRun; done: () => void }> {
+  private planWrite(offset: number, data: Uint8Array): Promise<{ plan: RunPlan; done: () => void }> {
     const { g } = this.h;
     const cs = this.cs;
     const tableEnd = (Math.floor(offset / g.l1Coverage) + 1) * g.l1Coverage;
     const first = Math.floor(offset / cs);
     const end = Math.ceil((offset + Math.min(data.length, tableEnd - offset, MAX_BATCH_BYTES)) / cs);
-    for (;;) {
-      while (this.exclusiveWaiting) await this.waitGate();
-      const release = await this.acquire();
-      let blocker: InflightRun | undefined;
-      try {
-        if (this.exclusiveWaiting) continue;
-        blocker = this.overlapping(first, end);
-        if (!blocker) {
-          await this.start();
-          const plan = await this.planRun(offset, data);
-          await this.h.onGuestWrite?.(offset, plan.consumed);
-          let done!: () => void;
-          const run: InflightRun = {
-            first: plan.firstCluster,
-            end: plan.firstCluster + plan.n,
-            settled: new Promise<void>((r) => (done = r)),
-          };
-          this.inflight.add(run);
-          return { plan, run, done };
-        }
-      } finally {
-        release();
-      }
-      await blocker.settled;
-    }
+    return this.requests.reserve(first, end, async () => {
+      await this.start();
+      const plan = await this.planRun(offset, data);
+      await this.h.onGuestWrite?.(offset, plan.consumed);
+      return { plan, first: plan.firstCluster, end: plan.firstCluster + plan.n };
+    });
   }
 
   /** Write a prefix of `data` that stays within one L2 table, caller holding the lock; returns bytes written. */
@@ -390,18 +222,18 @@ export class Qcow2Writer {
     const l1i = Math.floor(offset / g.l1Coverage);
     const tableEnd = (l1i + 1) * g.l1Coverage;
     const len = Math.min(data.length, tableEnd - offset, MAX_BATCH_BYTES);
-    const l2 = await this.writableL2(l1i);
+    const l2 = await this.tables.writableL2(l1i);
     const firstCluster = Math.floor(offset / cs);
     const idx0 = firstCluster % g.l2Entries;
-    const e0 = await this.getEntry(l2, idx0);
+    const e0 = await this.tables.getEntry(l2, idx0);
 
-    if (this.inPlace(e0)) {
+    if (this.tables.inPlace(e0)) {
       // Extend over clusters that are writable in place and contiguous on the host.
-      const host0 = this.dataFile ? firstCluster * cs : this.hostOf(e0);
+      const host0 = this.dataFile ? firstCluster * cs : this.tables.hostOf(e0);
       let n = 1;
       while ((firstCluster + n) * cs < offset + len) {
-        const e = await this.getEntry(l2, idx0 + n);
-        if (!this.inPlace(e) || (this.dataFile ? false : this.hostOf(e) !== host0 + n * cs)) break;
+        const e = await this.tables.getEntry(l2, idx0 + n);
+        if (!this.tables.inPlace(e) || (this.dataFile ? false : this.tables.hostOf(e) !== host0 + n * cs)) break;
         n++;
       }
       const end = Math.min(offset + len, (firstCluster + n) * cs);
@@ -415,8 +247,8 @@ export class Qcow2Writer {
     // Clusters that need a new host cluster: batch consecutive ones.
     const olds: Entry[] = [e0];
     while ((firstCluster + olds.length) * cs < offset + len) {
-      const e = await this.getEntry(l2, idx0 + olds.length);
-      if (this.inPlace(e)) break;
+      const e = await this.tables.getEntry(l2, idx0 + olds.length);
+      if (this.tables.inPlace(e)) break;
       olds.push(e);
     }
     const n = olds.length;
@@ -457,8 +289,8 @@ export class Qcow2Writer {
         e.blo = alloc;
         e.bhi = zero;
       }
-      await this.setEntry(p.l2, p.idx0 + k, e);
-      this.releaseOld(old);
+      await this.tables.setEntry(p.l2, p.idx0 + k, e);
+      this.tables.releaseOld(old);
     }
   }
 
@@ -502,7 +334,7 @@ export class Qcow2Writer {
       const b = a + sc;
       const touched = covStart < b && covEnd > a;
       const full = covStart <= a && covEnd >= b;
-      const oldAlloc = this.hostOf(old) !== 0 && !(old.hi & COMPRESSED_HI) && ((old.blo >>> s) & 1) === 1;
+      const oldAlloc = this.tables.hostOf(old) !== 0 && !(old.hi & COMPRESSED_HI) && ((old.blo >>> s) & 1) === 1;
       const compressed = (old.hi & COMPRESSED_HI) !== 0;
       if ((touched && !full) || (!touched && (oldAlloc || compressed))) {
         await this.h.readGuest(dst.subarray(s * sc, (s + 1) * sc), a);
@@ -515,7 +347,7 @@ export class Qcow2Writer {
     const { g } = this.h;
     const sc = g.subclusterSize;
     const compressed = (old.hi & COMPRESSED_HI) !== 0;
-    const oldHost = this.hostOf(old) !== 0;
+    const oldHost = this.tables.hostOf(old) !== 0;
     let alloc = 0;
     let zero = 0;
     for (let s = 0; s < 32; s++) {
@@ -542,8 +374,8 @@ export class Qcow2Writer {
     const { g } = this.h;
     if (!g.extendedL2) {
       // Non-extended: zero-alloc clusters we own must be rewritten whole (their bytes are stale).
-      const e0 = await this.getEntry(l2, idx0);
-      const eN = n > 1 ? await this.getEntry(l2, idx0 + n - 1) : e0;
+      const e0 = await this.tables.getEntry(l2, idx0);
+      const eN = n > 1 ? await this.tables.getEntry(l2, idx0 + n - 1) : e0;
       const c0 = Math.floor(offset / this.cs) * this.cs;
       const cEnd = c0 + n * this.cs;
       const padHead = (e0.lo & 1) === 1 && offset > c0;
@@ -572,7 +404,7 @@ export class Qcow2Writer {
   /** After an in-place write: clear the zero flag / set subcluster allocation for [from, to). */
   private async markWritten(l2: number, idx: number, cluster: number, from: number, to: number, _inPlace: boolean): Promise<void> {
     const { g } = this.h;
-    const e = await this.getEntry(l2, idx);
+    const e = await this.tables.getEntry(l2, idx);
     const cStart = cluster * this.cs;
     let changed = false;
     if (!(e.hi & COPIED_HI)) {
@@ -603,7 +435,7 @@ export class Qcow2Writer {
         }
       }
     }
-    if (changed) await this.setEntry(l2, idx, e);
+    if (changed) await this.tables.setEntry(l2, idx, e);
   }
 
   /**
@@ -665,7 +497,7 @@ export class Qcow2Writer {
       const cStart = cluster * cs;
       const cEnd = Math.min(cStart + cs, end);
       const l1i = Math.floor(pos / g.l1Coverage);
-      const { hi, lo } = this.l1Entry(l1i);
+      const { hi, lo } = this.tables.l1Entry(l1i);
       if (!entryOffset(hi, lo) && !this.h.hasBacking && !v3) {
         pos = Math.min(end, (l1i + 1) * g.l1Coverage);
         continue;
@@ -676,15 +508,15 @@ export class Qcow2Writer {
       }
       if (discard && entryOffset(hi, lo) && !this.h.hasBacking) {
         // Discarding what is already unallocated (without backing) changes nothing.
-        const cur = await this.getEntry(entryOffset(hi, lo), cluster % g.l2Entries);
+        const cur = await this.tables.getEntry(entryOffset(hi, lo), cluster % g.l2Entries);
         if (!cur.hi && !cur.lo && !cur.blo && !cur.bhi) {
           pos = cEnd;
           continue;
         }
       }
-      const l2 = await this.writableL2(l1i);
+      const l2 = await this.tables.writableL2(l1i);
       const idx = cluster % g.l2Entries;
-      const old = await this.getEntry(l2, idx);
+      const old = await this.tables.getEntry(l2, idx);
       const whole = pos === cStart && cEnd === cStart + cs;
       if (g.extendedL2) {
         const sc = g.subclusterSize;
@@ -698,24 +530,24 @@ export class Qcow2Writer {
           await this.h.readGuest(buf, cStart);
           buf.fill(0, pos - cStart, cEnd - cStart);
           await this.writeRunUnlocked(cStart, buf);
-        } else if (whole && (unmap || compressed || !this.inPlace(old))) {
-          await this.setEntry(l2, idx, { hi: 0, lo: 0, bhi: 0xffffffff, blo: 0 });
-          this.releaseOld(old);
+        } else if (whole && (unmap || compressed || !this.tables.inPlace(old))) {
+          await this.tables.setEntry(l2, idx, { hi: 0, lo: 0, bhi: 0xffffffff, blo: 0 });
+          this.tables.releaseOld(old);
         } else {
           const e = { ...old };
           e.bhi = (e.bhi | mask) >>> 0;
           e.blo = (e.blo & ~mask) >>> 0;
-          await this.setEntry(l2, idx, e);
+          await this.tables.setEntry(l2, idx, e);
         }
       } else if (!v3) {
         // v2 discard: the cluster becomes unallocated.
-        await this.setEntry(l2, idx, { hi: 0, lo: 0, bhi: 0, blo: 0 });
-        this.releaseOld(old);
-      } else if (!unmap && this.inPlace(old)) {
-        await this.setEntry(l2, idx, { ...old, lo: (old.lo | 1) >>> 0 });
+        await this.tables.setEntry(l2, idx, { hi: 0, lo: 0, bhi: 0, blo: 0 });
+        this.tables.releaseOld(old);
+      } else if (!unmap && this.tables.inPlace(old)) {
+        await this.tables.setEntry(l2, idx, { ...old, lo: (old.lo | 1) >>> 0 });
       } else {
-        await this.setEntry(l2, idx, { hi: 0, lo: 1, bhi: 0, blo: 0 });
-        this.releaseOld(old);
+        await this.tables.setEntry(l2, idx, { hi: 0, lo: 1, bhi: 0, blo: 0 });
+        this.tables.releaseOld(old);
       }
       pos = cEnd;
     }
@@ -738,16 +570,16 @@ export class Qcow2Writer {
       const cs = this.cs;
       if (this.dataFile) throw new QcowError('ENOTSUP', 'Compression is not supported with an external data file');
       const l1i = Math.floor(offset / g.l1Coverage);
-      const l2 = await this.writableL2(l1i);
+      const l2 = await this.tables.writableL2(l1i);
       const idx = Math.floor(offset / cs) % g.l2Entries;
-      const old = await this.getEntry(l2, idx);
+      const old = await this.tables.getEntry(l2, idx);
       const host = await this.refcounts.allocateBytes(compressed.length);
       await this.h.io.write(compressed, host);
       const x = 70 - g.clusterBits;
       const nbAdditional = Math.floor((host + compressed.length - 1) / 512) - Math.floor(host / 512);
       const hi = COMPRESSED_HI | (nbAdditional << (x - 32)) | Math.floor(host / 0x100000000);
-      await this.setEntry(l2, idx, { hi: hi >>> 0, lo: host >>> 0, bhi: 0, blo: 0 });
-      this.releaseOld(old);
+      await this.tables.setEntry(l2, idx, { hi: hi >>> 0, lo: host >>> 0, bhi: 0, blo: 0 });
+      this.tables.releaseOld(old);
       await this.maybeFlushMetadata();
     });
   }
@@ -758,46 +590,14 @@ export class Qcow2Writer {
     if (this.h.l2cache.pressure) await this.flushMetadata();
   }
 
-  async barrier(): Promise<void> {
-    if (this.h.dataIO !== this.h.io) await this.h.dataIO.flush();
-    await this.h.io.flush();
+  /** Make everything written so far durable (image file, and data file first). */
+  barrier(): Promise<void> {
+    return durableBarrier(this.h);
   }
 
-  /** Write all dirty metadata in crash-safe order. Caller holds the lock. */
-  async flushMetadata(): Promise<void> {
-    const cache = this.h.l2cache;
-    const rc = this.refcounts;
-    if (!rc.hasDirty && !cache.dirty.size && !this.l1Dirty.size && !rc.hasPendingFrees) {
-      await this.barrier();
-      return;
-    }
-    // 1. refcount increments (new blocks first, then table entries pointing to them)
-    await rc.writeBlocks();
-    await this.barrier();
-    await rc.writeTableEntries();
-    // 2. L2 tables (data and refcounts of the clusters they point to are durable now)
-    const slices = [...cache.dirty].sort((a, b) => a - b);
-    for (const s of slices) await this.h.io.write(cache.peek(s)!, s);
-    cache.dirty.clear();
-    await this.barrier();
-    // 3. L1 entries pointing to the (now durable) L2 tables
-    if (this.l1Dirty.size) {
-      const l1 = this.h.map.l1;
-      const sectors = new Set([...this.l1Dirty].map((i) => Math.floor((i * 8) / 512)));
-      this.l1Dirty.clear();
-      for (const s of [...sectors].sort((a, b) => a - b)) {
-        const from = s * 512;
-        const to = Math.min(l1.length, from + 512);
-        await this.h.io.write(l1.subarray(from, to), this.h.header.l1TableOffset + from);
-      }
-      await this.barrier();
-    }
-    // 4. decrements for references dropped above
-    if (rc.hasPendingFrees) {
-      await rc.applyFrees();
-      await rc.writeBlocks();
-      await this.barrier();
-    }
+  /** Write all dirty metadata in crash-safe order (see metadata-flush.ts). Caller holds the lock. */
+  flushMetadata(): Promise<void> {
+    return flushDirtyMetadata(this.h, this.refcounts, this.tables);
   }
 
   async flush(): Promise<void> {
@@ -822,96 +622,25 @@ export class Qcow2Writer {
    * Drop every cluster of the active state: all L1 entries become 0, so the whole image reads
    * from its backing file again (`commit` empties the top image this way).
    */
-  async makeEmpty(): Promise<void> {
-    await this.exclusive(async () => {
+  makeEmpty(): Promise<void> {
+    return this.exclusive(async () => {
       await this.start();
-      const { g } = this.h;
-      const cs = this.cs;
-      for (let i = 0; i < this.h.map.l1Size; i++) {
-        const { hi, lo } = this.l1Entry(i);
-        const l2 = entryOffset(hi, lo);
-        if (!l2) continue;
-        // The active state's reference to every cluster under this table goes, shared or not.
-        for (let k = 0; k < g.l2Entries; k++) this.releaseOld(await this.getEntry(l2, k));
-        this.setL1Entry(i, 0, false);
-        this.refcounts.free(l2 / cs);
-      }
-      await this.flushMetadata();
-      this.h.l2cache.clear();
+      await dropActiveState(this);
     });
   }
 
   /**
-   * Change the virtual size. Growing may move the L1 table to a larger one (written and made
-   * durable before the header points to it); shrinking drops every cluster past the new end.
-   * Returns the new L1 bytes when the table moved.
+   * Change the virtual size (see table-resize.ts). Returns the new L1 bytes when the table moved.
    */
-  async resize(newSize: number): Promise<Uint8Array | undefined> {
+  resize(newSize: number): Promise<Uint8Array | undefined> {
     return this.exclusive(async () => {
       await this.start();
-      const { g, header } = this.h;
-      const cs = this.cs;
-      const needed = Math.ceil(newSize / g.l1Coverage);
-      let newL1: Uint8Array | undefined;
-      if (newSize < header.size) {
-        // Drop clusters past the end: whole L2 tables beyond the new end, and entries in the last one.
-        const firstGone = Math.ceil(newSize / cs);
-        const lastCluster = Math.ceil(header.size / cs);
-        for (let c = firstGone; c < lastCluster; ) {
-          const l1i = Math.floor((c * cs) / g.l1Coverage);
-          const { hi, lo } = this.l1Entry(l1i);
-          const l2 = entryOffset(hi, lo);
-          const tableFirst = (l1i * g.l1Coverage) / cs;
-          const tableEnd = tableFirst + g.l2Entries;
-          if (l2 && c === tableFirst) {
-            // Whole table goes: release every cluster it references, then the table.
-            for (let k = 0; k < g.l2Entries; k++) this.releaseOld(await this.getEntry(l2, k));
-            this.setL1Entry(l1i, 0, false);
-            this.h.l2cache.dropTable(l2, cs);
-            this.refcounts.free(l2 / cs);
-          } else if (l2) {
-            const w = await this.writableL2(l1i);
-            for (let k = c - tableFirst; k < g.l2Entries; k++) {
-              const e = await this.getEntry(w, k);
-              if (e.hi || e.lo || e.bhi || e.blo) {
-                await this.setEntry(w, k, { hi: 0, lo: 0, bhi: 0, blo: 0 });
-                this.releaseOld(e);
-              }
-            }
-          }
-          c = tableEnd;
-        }
-        await this.flushMetadata();
-      } else if (needed > header.l1Size) {
-        await this.flushMetadata();
-        const bytes = needed * 8;
-        const clusters = Math.ceil(bytes / cs);
-        const at = await this.refcounts.allocate(clusters);
-        newL1 = new Uint8Array(bytes);
-        newL1.set(this.h.map.l1);
-        await this.refcounts.writeBlocks();
-        await this.h.io.write(newL1, at);
-        await this.barrier();
-        await this.refcounts.writeTableEntries();
-        const b = new Uint8Array(12);
-        const dv = new DataView(b.buffer);
-        dv.setUint32(0, needed);
-        dv.setBigUint64(4, BigInt(at));
-        const oldOffset = header.l1TableOffset;
-        const oldClusters = Math.ceil((header.l1Size * 8) / cs);
-        await this.h.io.write(b, 36);
-        await this.barrier();
-        header.l1Size = needed;
-        header.l1TableOffset = at;
-        this.h.map.l1 = newL1;
-        if (oldClusters) this.refcounts.free(oldOffset / cs, oldClusters);
-      }
-      const b = new Uint8Array(8);
-      new DataView(b.buffer).setBigUint64(0, BigInt(newSize));
-      await this.h.io.write(b, 24);
-      header.size = newSize;
-      await this.flushMetadata();
-      return newL1;
+      return resizeTables(this, newSize);
     });
+  }
+
+  /** What the writer works on (for the table-level operations in table-resize.ts). */
+  get host(): WriterHost {
+    return this.h;
   }
 }

@@ -1,0 +1,119 @@
+/**
+ * The active L1 and L2 tables as the write engine changes them: reading and setting L2 entries
+ * (through the L2 slice cache, marking slices dirty), making an L2 table writable in place
+ * (allocated, or copied when shared with a snapshot), and releasing the host clusters a replaced
+ * entry referenced (the refcount decrement is applied after the new entry is durable).
+ */
+import { corruption, entryOffset } from './cluster-map.js';
+import type { Refcounts } from './refcount.js';
+import type { WriterHost } from './writer.js';
+
+export const COPIED_HI = 0x80000000;
+export const COMPRESSED_HI = 0x40000000;
+
+/** An L2 entry as two 32-bit halves, plus the extended-L2 bitmap words (0 without extended L2). */
+export interface Entry {
+  hi: number;
+  lo: number;
+  bhi: number; // bitmap high word (zero bits)
+  blo: number; // bitmap low word (alloc bits)
+}
+
+export class L2Tables {
+  /** L1 indexes changed in memory and not yet written. */
+  readonly l1Dirty = new Set<number>();
+
+  constructor(
+    private readonly h: WriterHost,
+    private readonly refcounts: () => Refcounts,
+  ) {}
+
+  l1Entry(i: number): { hi: number; lo: number } {
+    const dv = new DataView(this.h.map.l1.buffer, this.h.map.l1.byteOffset + i * 8, 8);
+    return { hi: dv.getUint32(0), lo: dv.getUint32(4) };
+  }
+
+  setL1Entry(i: number, off: number, copied: boolean): void {
+    const dv = new DataView(this.h.map.l1.buffer, this.h.map.l1.byteOffset + i * 8, 8);
+    dv.setUint32(0, Math.floor(off / 0x100000000) | (copied ? COPIED_HI : 0));
+    dv.setUint32(4, off >>> 0);
+    this.l1Dirty.add(i);
+  }
+
+  /** The L2 table for L1 index `i`, allocated or copied so that it may be modified in place. */
+  async writableL2(i: number): Promise<number> {
+    const { hi, lo } = this.l1Entry(i);
+    const off = entryOffset(hi, lo);
+    if (off % this.h.g.clusterSize) throw corruption(`L2 table offset 0x${off.toString(16)} unaligned (L1 index: 0x${i.toString(16)})`);
+    if (off && hi & COPIED_HI) return off;
+    const cache = this.h.l2cache;
+    const fresh = await this.refcounts().allocate(1);
+    const sb = cache.sliceBytes;
+    for (let s = 0; s < this.h.g.clusterSize; s += sb) {
+      const content = off ? (await cache.get(off + s)).slice() : new Uint8Array(sb);
+      cache.insert(fresh + s, content);
+      cache.markDirty(fresh + s);
+    }
+    this.setL1Entry(i, fresh, true);
+    if (off) this.refcounts().free(off / this.h.g.clusterSize);
+    return fresh;
+  }
+
+  private async slice(l2: number, index: number): Promise<{ buf: Uint8Array; at: number; sliceOff: number }> {
+    const cache = this.h.l2cache;
+    const eb = this.h.g.entryBytes;
+    const byte = index * eb;
+    const sliceOff = l2 + byte - (byte % cache.sliceBytes);
+    const buf = await cache.get(sliceOff);
+    return { buf, at: byte % cache.sliceBytes, sliceOff };
+  }
+
+  async getEntry(l2: number, index: number): Promise<Entry> {
+    const { buf, at } = await this.slice(l2, index);
+    const dv = new DataView(buf.buffer, buf.byteOffset + at);
+    return this.h.g.extendedL2
+      ? { hi: dv.getUint32(0), lo: dv.getUint32(4), bhi: dv.getUint32(8), blo: dv.getUint32(12) }
+      : { hi: dv.getUint32(0), lo: dv.getUint32(4), bhi: 0, blo: 0 };
+  }
+
+  async setEntry(l2: number, index: number, e: Entry): Promise<void> {
+    const { buf, at, sliceOff } = await this.slice(l2, index);
+    const dv = new DataView(buf.buffer, buf.byteOffset + at);
+    dv.setUint32(0, e.hi >>> 0);
+    dv.setUint32(4, e.lo >>> 0);
+    if (this.h.g.extendedL2) {
+      dv.setUint32(8, e.bhi >>> 0);
+      dv.setUint32(12, e.blo >>> 0);
+    }
+    this.h.l2cache.markDirty(sliceOff);
+  }
+
+  /** Queue the release of whatever host storage `e` references (after the new entry is durable). */
+  releaseOld(e: Entry): void {
+    if (e.hi & COMPRESSED_HI) {
+      const cb = this.h.g.clusterBits;
+      const x = 70 - cb;
+      const coff = (e.hi & ((1 << (x - 32)) - 1)) * 0x100000000 + (e.lo >>> 0);
+      const sectors = ((e.hi >>> (x - 32)) & ((1 << (cb - 8)) - 1)) + 1;
+      const start = coff - (coff % 512);
+      const first = Math.floor(start / this.h.g.clusterSize);
+      const last = Math.floor((start + sectors * 512 - 1) / this.h.g.clusterSize);
+      for (let c = first; c <= last; c++) this.refcounts().free(c);
+      return;
+    }
+    const host = entryOffset(e.hi, e.lo);
+    if (host && !this.h.g.dataFile) this.refcounts().free(host / this.h.g.clusterSize);
+  }
+
+  hostOf(e: Entry): number {
+    return e.hi & COMPRESSED_HI ? 0 : entryOffset(e.hi, e.lo);
+  }
+
+  /** Entry owns a host cluster that may be written in place. */
+  inPlace(e: Entry): boolean {
+    if (e.hi & COMPRESSED_HI) return false;
+    const host = entryOffset(e.hi, e.lo);
+    if (this.h.g.dataFile) return host !== 0 || (e.hi & COPIED_HI) !== 0;
+    return host !== 0 && (e.hi & COPIED_HI) !== 0;
+  }
+}

@@ -1,0 +1,91 @@
+/**
+ * Table-level changes of the active state, run by the writer under its exclusive lock: emptying it
+ * (every L1 entry 0, so the image reads from its backing file: `commit`), and changing the virtual
+ * size (growing may move the L1 table to a larger one, written and made durable before the header
+ * points to it; shrinking drops every cluster past the new end).
+ */
+import { entryOffset } from './cluster-map.js';
+import type { Qcow2Writer } from './writer.js';
+
+export async function dropActiveState(w: Qcow2Writer): Promise<void> {
+  const { g } = w.host;
+  const cs = w.host.g.clusterSize;
+  for (let i = 0; i < w.host.map.l1Size; i++) {
+    const { hi, lo } = w.tables.l1Entry(i);
+    const l2 = entryOffset(hi, lo);
+    if (!l2) continue;
+    // The active state's reference to every cluster under this table goes, shared or not.
+    for (let k = 0; k < g.l2Entries; k++) w.tables.releaseOld(await w.tables.getEntry(l2, k));
+    w.tables.setL1Entry(i, 0, false);
+    w.refcounts.free(l2 / cs);
+  }
+  await w.flushMetadata();
+  w.host.l2cache.clear();
+}
+
+/** Returns the new L1 bytes when the table moved. */
+export async function resizeTables(w: Qcow2Writer, newSize: number): Promise<Uint8Array | undefined> {
+  const { g, header } = w.host;
+  const cs = w.host.g.clusterSize;
+  const needed = Math.ceil(newSize / g.l1Coverage);
+  let newL1: Uint8Array | undefined;
+  if (newSize < header.size) {
+    // Drop clusters past the end: whole L2 tables beyond the new end, and entries in the last one.
+    const firstGone = Math.ceil(newSize / cs);
+    const lastCluster = Math.ceil(header.size / cs);
+    for (let c = firstGone; c < lastCluster; ) {
+      const l1i = Math.floor((c * cs) / g.l1Coverage);
+      const { hi, lo } = w.tables.l1Entry(l1i);
+      const l2 = entryOffset(hi, lo);
+      const tableFirst = (l1i * g.l1Coverage) / cs;
+      const tableEnd = tableFirst + g.l2Entries;
+      if (l2 && c === tableFirst) {
+        // Whole table goes: release every cluster it references, then the table.
+        for (let k = 0; k < g.l2Entries; k++) w.tables.releaseOld(await w.tables.getEntry(l2, k));
+        w.tables.setL1Entry(l1i, 0, false);
+        w.host.l2cache.dropTable(l2, cs);
+        w.refcounts.free(l2 / cs);
+      } else if (l2) {
+        const table = await w.tables.writableL2(l1i);
+        for (let k = c - tableFirst; k < g.l2Entries; k++) {
+          const e = await w.tables.getEntry(table, k);
+          if (e.hi || e.lo || e.bhi || e.blo) {
+            await w.tables.setEntry(table, k, { hi: 0, lo: 0, bhi: 0, blo: 0 });
+            w.tables.releaseOld(e);
+          }
+        }
+      }
+      c = tableEnd;
+    }
+    await w.flushMetadata();
+  } else if (needed > header.l1Size) {
+    await w.flushMetadata();
+    const bytes = needed * 8;
+    const clusters = Math.ceil(bytes / cs);
+    const at = await w.refcounts.allocate(clusters);
+    newL1 = new Uint8Array(bytes);
+    newL1.set(w.host.map.l1);
+    await w.refcounts.writeBlocks();
+    await w.host.io.write(newL1, at);
+    await w.barrier();
+    await w.refcounts.writeTableEntries();
+    const b = new Uint8Array(12);
+    const dv = new DataView(b.buffer);
+    dv.setUint32(0, needed);
+    dv.setBigUint64(4, BigInt(at));
+    const oldOffset = header.l1TableOffset;
+    const oldClusters = Math.ceil((header.l1Size * 8) / cs);
+    await w.host.io.write(b, 36);
+    await w.barrier();
+    header.l1Size = needed;
+    header.l1TableOffset = at;
+    w.host.map.l1 = newL1;
+    if (oldClusters) w.refcounts.free(oldOffset / cs, oldClusters);
+  }
+  const b = new Uint8Array(8);
+  new DataView(b.buffer).setBigUint64(0, BigInt(newSize));
+  await w.host.io.write(b, 24);
+  header.size = newSize;
+  await w.flushMetadata();
+  return newL1;
+}
