@@ -2,8 +2,7 @@
  * qcowkit's command line: qemu-img 7.2 syntax, output and exit codes.
  * `bin/qcowkit` calls `main(process.argv.slice(2))` and exits with the code it returns.
  */
-import { registerNodeCrypto } from '../codecs/crypto-node.js';
-import { registerNodeCodecs } from '../codecs/node.js';
+import { setCodecs, type Codecs } from '../codecs/registry.js';
 import { QcowError } from '../core/errors.js';
 import { CliError, HelpRequested, UsageError, messageOf } from './errors.js';
 import { getopt } from './getopt.js';
@@ -64,9 +63,31 @@ async function run(argv: string[], io: Io): Promise<number> {
   return (await load())(operands, io);
 }
 
+/**
+ * The Node codecs (node:zlib, zstd-napi), loaded on first use: most runs never decompress, and
+ * loading node:zlib is a noticeable part of a short command's start-up. Once loaded, the real
+ * codecs replace these stand-ins in the registry.
+ */
+let nodeCodecs: Promise<Codecs> | undefined;
+function loadCodecs(): Promise<Codecs> {
+  nodeCodecs ??= import('../codecs/node.js').then((m) => {
+    m.registerNodeCodecs();
+    return m.nodeCodecs;
+  });
+  return nodeCodecs;
+}
+const lazyCodecs: Codecs = {
+  inflateRaw: async (input, outLen) => (await loadCodecs()).inflateRaw(input, outLen),
+  deflateRaw: async (input, limit) => (await loadCodecs()).deflateRaw!(input, limit),
+  zstdDecompress: async (input, outLen) => (await loadCodecs()).zstdDecompress(input, outLen),
+  zstdCompress: async (input, limit) => (await loadCodecs()).zstdCompress!(input, limit),
+};
+
 export async function main(argv: string[], io: Io = processIo()): Promise<number> {
-  registerNodeCodecs();
-  registerNodeCrypto();
+  if (!nodeCodecs) setCodecs(lazyCodecs);
+  // The crypto primitives (node:crypto, also a few ms to load) serve encrypted images only, and
+  // those are opened (or created) only with a key, which comes from an `--object secret,...`.
+  if (argv.some((a) => a.includes('secret'))) (await import('../codecs/crypto-node.js')).registerNodeCrypto();
   let code: number;
   try {
     code = await run(argv, io);

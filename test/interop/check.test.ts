@@ -305,6 +305,30 @@ const fixtures: Fixture[] = [
     modes: REPAIR,
   },
   {
+    name: 'refcount_bits=4, 4 KiB clusters: a cluster referenced twice, another leaked',
+    build: async (f) => {
+      await base(f, { refcount_bits: 4, cluster_size: 4096 });
+      const s = l2Slots(f);
+      patchU64(f, s[9]!.fileOffset, s[2]!.entry);
+    },
+    modes: REPAIR,
+  },
+  {
+    // 1536 L2 tables: more than one read-ahead window of the walk (512 KiB of tables), and refcount
+    // blocks read in bulk; errors in the last tables and blocks.
+    name: 'many L2 tables (512-byte clusters, preallocated): COPIED, leak and double reference late in the image',
+    build: async (f) => {
+      const dir = path.dirname(f);
+      await create(dir, path.basename(f), 48 * M, { cluster_size: 512, preallocation: 'metadata' });
+      const s = l2Slots(f);
+      const late = s[s.length - 100]!;
+      patchU64(f, late.fileOffset, late.entry & ~(1n << 63n));
+      setRefcount(f, Number((s[s.length - 5000]!.entry & 0x00fffffffffffe00n) / 512n), 2);
+      patchU64(f, s[s.length - 50]!.fileOffset, s[10]!.entry);
+    },
+    modes: REPAIR,
+  },
+  {
     name: 'refcount_bits=64, 512-byte clusters: a refcount block lost (multi-cluster reftable rebuild)',
     build: async (f) => {
       const dir = path.dirname(f);

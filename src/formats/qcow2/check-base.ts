@@ -75,6 +75,11 @@ export type CheckLog = (line: string, kind?: 'report' | 'partial') => void;
 
 const TWO32 = 0x100000000;
 
+/** Big-endian u32 at `p`. */
+export function u32(b: Uint8Array, p: number): number {
+  return ((b[p]! << 24) | (b[p + 1]! << 16) | (b[p + 2]! << 8) | b[p + 3]!) >>> 0;
+}
+
 /** (hi & hiMask, lo & loMask) as a number when exact, else as a bigint. */
 export function masked(hi: number, lo: number, hiMask: number, loMask: number): number | bigint {
   const h = (hi & hiMask) >>> 0;
@@ -149,6 +154,23 @@ export class RefcountArray {
 
   set(i: number, v: number): void {
     setPacked(this.buf, i, this.order, v);
+  }
+
+  /** +1 on entry `i` (< size); false, changing nothing, when it is already at the maximum. */
+  inc(i: number): boolean {
+    const b = this.buf;
+    if (this.order === 4) {
+      const p = 2 * i;
+      const v = (b[p]! << 8) | b[p + 1]!;
+      if (v === 0xffff) return false;
+      b[p] = (v + 1) >>> 8;
+      b[p + 1] = (v + 1) & 0xff;
+      return true;
+    }
+    const v = getPacked(b, i, this.order);
+    if (v === this.max) return false;
+    setPacked(b, i, this.order, v + 1);
+    return true;
   }
 }
 

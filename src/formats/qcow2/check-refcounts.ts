@@ -30,6 +30,7 @@ import {
   incRefcounts,
   notAligned,
   u32,
+  L2Tables,
   type Ctx,
 } from './check-tables.js';
 
@@ -41,8 +42,11 @@ async function checkRefblocks(ctx: Ctx, fix: number): Promise<boolean> {
   const { img, res, imrt } = ctx;
   const cs = img.cs;
   let rebuild = false;
+  const rt = new DataView(img.reftable.buffer, img.reftable.byteOffset, img.reftable.byteLength);
   for (let i = 0; i < img.reftableSize; i++) {
-    const { lo } = img.reftableEntry(i);
+    // An empty entry (most of a large table) has nothing to check.
+    if (rt.getInt32(i * 8) === 0 && rt.getInt32(i * 8 + 4) === 0) continue;
+    const lo = img.reftableLo(i);
     const offset = img.refblockOffset(i);
     if (lo & 0x1ff) {
       img.log(`ERROR refcount table entry ${i} has reserved bits set`);
@@ -145,6 +149,7 @@ async function compareRefcounts(ctx: Ctx, fix: number): Promise<{ rebuild: boole
   const n = imrt.size;
   const order = img.refcountOrder;
   const freed: number[] = [];
+  await img.preloadRefblocks(0, n);
   for (let start = 0; start < n; start += img.rbSize) {
     let block: Uint8Array | undefined;
     let failed: CheckFailure | undefined;
@@ -155,7 +160,17 @@ async function compareRefcounts(ctx: Ctx, fix: number): Promise<{ rebuild: boole
       failed = e;
     }
     const end = Math.min(n, start + img.rbSize);
-    for (let i = start; i < end; i++) {
+    let i = start;
+    if (!failed) {
+      // Whole bytes that match need no per-entry look (the common case): skip them, noting the
+      // highest used cluster among them.
+      const same = sameBytes(imrt.buf, start, block, end - start, order);
+      if (same.entries) {
+        if (same.lastNonZero >= 0) highest = start + same.lastNonZero;
+        i = start + same.entries;
+      }
+    }
+    for (; i < end; i++) {
       if (failed) {
         img.log(`Can't get refcount for cluster ${i}: ${failed.message}`);
         res.checkErrors++;
@@ -186,6 +201,56 @@ async function compareRefcounts(ctx: Ctx, fix: number): Promise<{ rebuild: boole
   return { rebuild, highest };
 }
 
+/**
+ * Compare the in-memory refcounts of `count` entries from `start` (packed, width 2^order bits) with
+ * the refcount block `block` (undefined: all zeros) from its first entry. Returns how many leading
+ * entries are covered by identical whole bytes (0 when anything differs) and, among them, the
+ * index of the last non-zero one (-1 when none).
+ */
+function sameBytes(
+  buf: Uint8Array,
+  start: number,
+  block: Uint8Array | undefined,
+  count: number,
+  order: number,
+): { entries: number; lastNonZero: number } {
+  const bits = 1 << order;
+  const bytes = Math.floor((count * bits) / 8);
+  const from = (start * bits) / 8; // `start` begins a refcount block: a whole number of bytes
+  if (bytes === 0 || !Number.isInteger(from)) return { entries: 0, lastNonZero: -1 };
+  const a = buf.subarray(from, from + bytes);
+  let last = -1;
+  // Whole 32-bit words where both views allow it, then bytes.
+  const words = (a.byteOffset & 3) === 0 && (!block || (block.byteOffset & 3) === 0) ? bytes >>> 2 : 0;
+  const aw = new Int32Array(a.buffer, a.byteOffset, words);
+  if (block) {
+    const bw = new Int32Array(block.buffer, block.byteOffset, words);
+    for (let k = 0; k < words; k++) {
+      const x = aw[k]!;
+      if (x !== bw[k]) return { entries: 0, lastNonZero: -1 };
+      if (x !== 0) last = k;
+    }
+    if (last >= 0) last = last * 4 + 3;
+    for (let k = words * 4; k < bytes; k++) {
+      const x = a[k]!;
+      if (x !== block[k]) return { entries: 0, lastNonZero: -1 };
+      if (x) last = k;
+    }
+  } else {
+    for (let k = 0; k < words; k++) if (aw[k] !== 0) return { entries: 0, lastNonZero: -1 };
+    for (let k = words * 4; k < bytes; k++) if (a[k]) return { entries: 0, lastNonZero: -1 };
+  }
+  // Within the last non-zero word, the last non-zero byte.
+  while (last >= 0 && a[last] === 0) last--;
+  const entries = Math.floor((bytes * 8) / bits);
+  if (last < 0) return { entries, lastNonZero: -1 };
+  // The last entry with a bit in byte `last` that is non-zero.
+  let e = Math.floor(((last + 1) * 8 - 1) / bits);
+  const firstInByte = Math.floor((last * 8) / bits);
+  while (e > firstInByte && getPacked(a, e, order) === 0) e--;
+  return { entries, lastNonZero: e };
+}
+
 /** Like QEMU's discard of clusters whose refcount dropped to 0 (punch holes where the storage can). */
 async function discardClusters(img: CheckImage, clusters: number[]): Promise<void> {
   const punch = img.io.punchHole?.bind(img.io);
@@ -202,7 +267,7 @@ async function discardClusters(img: CheckImage, clusters: number[]): Promise<voi
 }
 
 /** check_oflag_copied: COPIED must be set exactly where the refcount is 1 (active L1 and its L2s). */
-async function checkOflagCopied(img: CheckImage, res: CheckResult, fix: number): Promise<void> {
+async function checkOflagCopied(img: CheckImage, res: CheckResult, fix: number, verified?: Uint8Array): Promise<void> {
   let repair: boolean;
   if (fix & FIX_ERRORS) repair = true;
   else if (fix & FIX_LEAKS) repair = !res.checkErrors && !res.corruptions && !res.leaks;
@@ -218,6 +283,13 @@ async function checkOflagCopied(img: CheckImage, res: CheckResult, fix: number):
       throw e;
     }
   };
+  await img.preloadRefblocks(0, Math.ceil(img.fileSize / cs));
+  // Tables are read ahead only when nothing is written meanwhile (no repair).
+  const l2s = new L2Tables(img, img.l1, img.l1Size, !repair);
+  const plain = !img.extL2 && !img.dataFile;
+  const cb = img.clusterBits;
+  const shift = 32 - cb;
+  const hLimit = 2 ** (cb - 2);
   for (let i = 0; i < img.l1Size; i++) {
     const { hi, lo } = img.l1Entry(i);
     const l2Offset = masked(hi, lo, 0x00ffffff, 0xfffffe00);
@@ -242,10 +314,25 @@ async function checkOflagCopied(img: CheckImage, res: CheckResult, fix: number):
         res.corruptionsFixed++;
       }
     }
-    const table = await img.readPadded(l2Offset, cs);
+    // Tables whose flags the walk already found right (check-only passes) are not read again.
+    if (verified?.[i] === 1) continue;
+    const table = await l2s.table(i, l2Offset);
     let dirty = 0;
     for (let j = 0; j < img.l2Size; j++) {
       const p = j * eb;
+      if (plain) {
+        // Fast path: unallocated entries, and normal ones whose stored refcount is cached and
+        // agrees. Halves as signed 32-bit integers (never boxed).
+        const shi = (table[p]! << 24) | (table[p + 1]! << 16) | (table[p + 2]! << 8) | table[p + 3]!;
+        const slo = (table[p + 4]! << 24) | (table[p + 5]! << 16) | (table[p + 6]! << 8) | table[p + 7]!;
+        if (shi === 0 && slo === 0) continue;
+        const h = shi & 0x00ffffff;
+        if ((shi & 0x40000000) === 0 && h < hLimit && (h | (slo & 0xfffffe00)) !== 0) {
+          // The cluster index (floor(offset / cluster size), below 2^30 here).
+          const dr = img.cachedRefcount((h << shift) | (slo >>> cb));
+          if (dr !== undefined && (dr === 1) === shi < 0) continue;
+        }
+      }
       const ehi = u32(table, p);
       const elo = u32(table, p + 4);
       const type = clusterType(img, ehi, elo);
@@ -304,6 +391,9 @@ export async function checkRefcounts(img: CheckImage, res: CheckResult, fix: num
     throw e;
   }
   const ctx: Ctx = { img, res, imrt };
+  // Stored refcounts in a few large reads, up front: the walk compares COPIED flags with them.
+  await img.preloadRefblocks(0, nbClusters);
+  if (!fix) ctx.copiedVerified = new Uint8Array(img.l1Size);
   let rebuild = await calculateRefcounts(ctx, fix);
   const preCompare = { ...res };
   const first = await compareRefcounts(ctx, 0);
@@ -342,6 +432,6 @@ export async function checkRefcounts(img: CheckImage, res: CheckResult, fix: num
       highest = (await compareRefcounts(ctx, fix)).highest;
     }
   }
-  await checkOflagCopied(img, res, fix);
+  await checkOflagCopied(img, res, fix, ctx.copiedVerified);
   res.imageEndOffset = (highest + 1) * cs;
 }

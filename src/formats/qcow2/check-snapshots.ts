@@ -268,17 +268,27 @@ async function writeSnapshots(img: CheckImage): Promise<void> {
   pdv.setBigUint64(4, BigInt(newOffset));
   await img.write(ptr, 60);
   await img.io.flush();
-  // Free the old table (QEMU ignores failures here: the clusters just leak).
+  // Free the old table like QEMU's qcow2_free_clusters: the whole range or nothing (a failure puts
+  // back what was freed, and QEMU ignores it: the clusters just leak). Stopping at the first
+  // failure also keeps a hostile table size from making this loop run for minutes.
   const old = img.snapshotsOffset;
   if (img.snapshotsSize > 0 && typeof old === 'number') {
     const first = Math.floor(old / cs);
     const last = Math.floor((old + img.snapshotsSize - 1) / cs);
-    for (let c = first; c <= last; c++) {
-      try {
+    const freed: number[] = [];
+    try {
+      for (let c = first; c <= last; c++) {
         rc.free(c);
         await rc.applyFrees();
-      } catch {
-        /* leaked */
+        freed.push(c);
+      }
+    } catch {
+      for (const c of freed) {
+        try {
+          await rc.update(c, 1);
+        } catch {
+          /* leaked */
+        }
       }
     }
     await rc.writeBlocks();

@@ -8,7 +8,7 @@
  */
 import { readInto, type ByteIO } from '../../core/byte-io.js';
 import * as C from './constants.js';
-import { CheckFailure, getPacked, hexAlt, masked, setPacked, type CheckLog } from './check-base.js';
+import { CheckFailure, getPacked, hexAlt, masked, setPacked, u32, type CheckLog } from './check-base.js';
 import { decodeExtensions, decodeHeader, encodeHeader, validateHeader, type Qcow2Header } from './header.js';
 
 // ------------------------------------------------------------------------------------------------
@@ -72,8 +72,16 @@ export class CheckImage {
 
   fileSize = 0;
   private signaledCorruption = false;
+  /** Refcount blocks read on demand (at most 64 clean ones kept), by file offset. */
   private blocks = new Map<number, Uint8Array>();
+  /** Refcount blocks read in bulk by preloadRefblocks (kept until the cache is dropped). */
+  private pinned = new Map<number, Uint8Array>();
   private dirtyBlocks = new Set<number>();
+  /** The last block found by the synchronous lookup (reftable index → block). */
+  private lastRt = -1;
+  private lastBlock: Uint8Array | null = null;
+  /** By reftable index, after preloadRefblocks: the pinned block, or null for "no block" (all 0). */
+  private rtBlocks: Array<Uint8Array | null | undefined> = [];
 
   private constructor(
     readonly io: ByteIO,
@@ -189,13 +197,21 @@ export class CheckImage {
   }
 
   reftableEntry(i: number): { hi: number; lo: number } {
-    const dv = new DataView(this.reftable.buffer, this.reftable.byteOffset);
-    return { hi: dv.getUint32(i * 8), lo: dv.getUint32(i * 8 + 4) };
+    return { hi: u32(this.reftable, i * 8), lo: u32(this.reftable, i * 8 + 4) };
+  }
+
+  /** Low 32 bits of reftable entry `i`. */
+  reftableLo(i: number): number {
+    return u32(this.reftable, i * 8 + 4);
   }
 
   /** Refcount block offset of reftable entry `i` (REFT_OFFSET_MASK, i.e. including the high bits). */
   refblockOffset(i: number): number | bigint {
-    const { hi, lo } = this.reftableEntry(i);
+    const b = this.reftable;
+    const p = i * 8;
+    const hi = u32(b, p);
+    const lo = (u32(b, p + 4) & 0xfffffe00) >>> 0;
+    if (hi < 0x200000) return hi * 0x100000000 + lo;
     return masked(hi, lo, 0xffffffff, 0xfffffe00);
   }
 
@@ -204,8 +220,7 @@ export class CheckImage {
     this.reftableOffset = offset;
     this.reftable = raw;
     this.reftableSize = raw.length / 8;
-    this.blocks.clear();
-    this.dirtyBlocks.clear();
+    this.dropRefcountCache();
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -251,7 +266,7 @@ export class CheckImage {
       if (off >= 1n << 63n) throw new CheckFailure('EIO');
       return { block: new Uint8Array(this.cs), offset: -1 };
     }
-    let block = this.blocks.get(off);
+    let block = this.pinned.get(off) ?? this.blocks.get(off);
     if (!block) {
       block = await this.readPadded(off, this.cs);
       if (this.blocks.size >= 64) {
@@ -262,15 +277,102 @@ export class CheckImage {
         }
       }
       this.blocks.set(off, block);
+      this.lastRt = -1;
     }
     return { block, offset: off };
   }
 
+  /**
+   * The refcount block for reftable index `rt` when that needs no I/O and cannot fail: null when
+   * there is none (all refcounts 0), undefined when it must go through the asynchronous path
+   * (not cached, or an offset that is invalid or past 2^53).
+   */
+  private blockSync(rt: number): Uint8Array | null | undefined {
+    if (rt === this.lastRt) return this.lastBlock;
+    if (rt >= this.reftableSize) return null;
+    const off = this.refblockOffset(rt);
+    if (off === 0) return null;
+    if (typeof off !== 'number' || off % this.cs !== 0) return undefined;
+    const block = this.pinned.get(off) ?? this.blocks.get(off);
+    if (block) {
+      this.lastRt = rt;
+      this.lastBlock = block;
+    }
+    return block;
+  }
+
+  /** The refcount block preloaded for reftable index `rt` (null: none, all 0; undefined: not preloaded). */
+  preloadedRefblock(rt: number): Uint8Array | null | undefined {
+    return this.rtBlocks[rt];
+  }
+
+  /** Stored refcount of `cluster` when known without I/O (see blockSync), else undefined. */
+  cachedRefcount(cluster: number): number | undefined {
+    if (cluster <= 0x7fffffff) {
+      const b = this.rtBlocks[cluster >>> this.rbBits];
+      if (b) {
+        const i = cluster & (this.rbSize - 1);
+        return this.refcountOrder === 4 ? (b[2 * i]! << 8) | b[2 * i + 1]! : getPacked(b, i, this.refcountOrder);
+      }
+      if (b === null) return 0;
+    }
+    const small = cluster <= 0x7fffffff;
+    const rt = small ? cluster >>> this.rbBits : Math.floor(cluster / this.rbSize);
+    const block = this.blockSync(rt);
+    if (block === undefined) return undefined;
+    if (block === null) return 0;
+    const i = small ? cluster & (this.rbSize - 1) : cluster - rt * this.rbSize;
+    if (this.refcountOrder === 4) return (block[2 * i]! << 8) | block[2 * i + 1]!;
+    return getPacked(block, i, this.refcountOrder);
+  }
+
   /** Stored refcount of `cluster`. Throws CheckFailure('EIO') when it cannot be read. */
   async getRefcount(cluster: number): Promise<number> {
+    const known = this.cachedRefcount(cluster);
+    if (known !== undefined) return known;
     const b = await this.blockFor(cluster);
     if (!b) return 0;
     return getPacked(b.block, cluster % this.rbSize, this.refcountOrder);
+  }
+
+  /**
+   * Read, in a few large reads, the refcount blocks covering clusters [first, end) that lie inside
+   * the file (at cluster-aligned offsets) and are not cached yet; they stay cached until the cache
+   * is dropped. Memory: at most the file's own size in refcount blocks, i.e. what the in-memory
+   * refcount array of the check takes. Blocks with invalid offsets are left to the normal path
+   * (which reports them).
+   */
+  async preloadRefblocks(first: number, end: number): Promise<void> {
+    const cs = this.cs;
+    const rtFirst = Math.floor(first / this.rbSize);
+    const rtEnd = Math.min(this.reftableSize, Math.ceil(end / this.rbSize));
+    const offsets: number[] = [];
+    const seen = new Set<number>();
+    for (let rt = rtFirst; rt < rtEnd; rt++) {
+      const off = this.refblockOffset(rt);
+      if (typeof off !== 'number' || off === 0 || off % cs !== 0 || off >= this.fileSize) continue;
+      if (seen.has(off) || this.pinned.has(off)) continue;
+      seen.add(off);
+      const cached = this.blocks.get(off);
+      if (cached) {
+        // Keep it (it may hold unwritten changes), pinned from now on.
+        this.blocks.delete(off);
+        this.pinned.set(off, cached);
+      } else offsets.push(off);
+    }
+    if (offsets.length) {
+      offsets.sort((a, b) => a - b);
+      await readClusterRuns(this, offsets, (off, block) => this.pinned.set(off, block));
+    }
+    for (let rt = rtFirst; rt < rtEnd; rt++) {
+      const off = this.refblockOffset(rt);
+      if (off === 0) this.rtBlocks[rt] = null;
+      else if (typeof off === 'number') {
+        const block = this.pinned.get(off);
+        if (block) this.rtBlocks[rt] = block;
+      }
+    }
+    this.lastRt = -1;
   }
 
   /** The whole refcount block covering `cluster` (for sequential scans), undefined when none. */
@@ -290,13 +392,17 @@ export class CheckImage {
   async flushRefcounts(): Promise<void> {
     const dirty = [...this.dirtyBlocks].sort((a, b) => a - b);
     this.dirtyBlocks.clear();
-    for (const off of dirty) await this.write(this.blocks.get(off)!, off);
+    for (const off of dirty) await this.write((this.pinned.get(off) ?? this.blocks.get(off))!, off);
     if (dirty.length) await this.io.flush();
   }
 
   dropRefcountCache(): void {
     this.blocks.clear();
+    this.pinned.clear();
     this.dirtyBlocks.clear();
+    this.lastRt = -1;
+    this.lastBlock = null;
+    this.rtBlocks = [];
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -339,4 +445,62 @@ export class CheckImage {
     await this.io.flush();
     Object.assign(h, next);
   }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Bulk reads of whole clusters (L2 tables, refcount blocks)
+
+/** Longest single read, and reads kept in flight, when fetching many clusters. */
+const MAX_RUN_BYTES = 4 << 20;
+const READS_IN_FLIGHT = 8;
+
+/**
+ * Read the clusters at `offsets` (sorted, unique, cluster-aligned, inside the file, below 2^53)
+ * with one read per run of adjacent clusters (up to 4 MiB), several reads in flight, into `into`
+ * (the k-th cluster at k * cluster size; a new buffer when absent); `onCluster` gets each cluster
+ * as a view of it. What lies past the end of the file reads as zeros.
+ */
+export async function readClusterRuns(
+  img: CheckImage,
+  offsets: readonly number[],
+  onCluster: (offset: number, cluster: Uint8Array) => void,
+  into?: Uint8Array,
+): Promise<void> {
+  const cs = img.cs;
+  const maxRun = Math.max(1, Math.floor(MAX_RUN_BYTES / cs));
+  let buf = into;
+  if (!buf || buf.length < offsets.length * cs) {
+    try {
+      buf = new Uint8Array(offsets.length * cs);
+    } catch {
+      throw new CheckFailure('ENOMEM');
+    }
+  }
+  const dest = buf;
+  const runs: Array<{ start: number; count: number; at: number }> = [];
+  for (let k = 0; k < offsets.length; k++) {
+    const off = offsets[k]!;
+    const last = runs[runs.length - 1];
+    if (last && last.start + last.count * cs === off && last.count < maxRun) last.count++;
+    else runs.push({ start: off, count: 1, at: k * cs });
+  }
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < runs.length) {
+      const run = runs[next++]!;
+      const view = dest.subarray(run.at, run.at + run.count * cs);
+      try {
+        await readInto(img.io, view, run.start);
+      } catch (e) {
+        next = runs.length; // no new reads
+        throw e;
+      }
+      for (let k = 0; k < run.count; k++) onCluster(run.start + k * cs, view.subarray(k * cs, (k + 1) * cs));
+    }
+  };
+  const workers: Promise<void>[] = [];
+  for (let w = 0; w < Math.min(READS_IN_FLIGHT, runs.length); w++) workers.push(worker());
+  // Every read has ended before this returns, even when one failed (the buffer may be reused).
+  const done = await Promise.allSettled(workers);
+  for (const d of done) if (d.status === 'rejected') throw d.reason;
 }
