@@ -10,7 +10,7 @@ import { BME_FLAG_IN_USE, BME_MAX_NAME_SIZE } from '../formats/qcow2/bitmap-dire
 import { Qcow2Driver } from '../formats/qcow2/driver.js';
 import { CliError, HelpRequested, messageOf } from './errors.js';
 import { getopt } from './getopt.js';
-import { closeAll, openForCli } from './open.js';
+import { closeAll, openForCli, secretsFromObjects } from './open.js';
 import type { Io } from './output.js';
 import { cvtnum, lockError, openWritable, sameFile } from './toolbox-common.js';
 
@@ -45,6 +45,7 @@ export async function cmdBitmap(argv: string[], io: Io): Promise<number> {
   let srcFormat: string | undefined;
   let granularity = 0n;
   let imageOpts = false;
+  const objects: string[] = [];
   const ops: Op[] = [];
   for (const o of options) {
     switch (o.name) {
@@ -76,10 +77,14 @@ export async function cmdBitmap(argv: string[], io: Io): Promise<number> {
       case 'image-opts':
         imageOpts = true;
         break;
+      case 'object':
+        objects.push(o.value!);
+        break;
       default:
-        break; // --object
+        break;
     }
   }
+  const secrets = secretsFromObjects(objects);
   if (!ops.length) throw new CliError('Need at least one of --add, --remove, --clear, --enable, --disable, or --merge');
   if (granularity && !ops.some((o) => o.act === 'add')) throw new CliError('granularity only supported with --add');
   if (srcFormat !== undefined && srcFile === undefined) throw new CliError('-F only supported with -b');
@@ -90,12 +95,17 @@ export async function cmdBitmap(argv: string[], io: Io): Promise<number> {
   if (imageOpts && format !== undefined) throw new CliError('--image-opts and --format are mutually exclusive');
   const [file, name] = [operands[0]!, operands[1]!];
 
-  const drv = await openWritable(file, { imageOpts, noBacking: true, ...(format !== undefined ? { format } : {}) }, io);
+  const drv = await openWritable(
+    file,
+    { imageOpts, noBacking: true, ...(format !== undefined ? { format } : {}), ...(secrets ? { secrets } : {}) },
+    io,
+  );
   let src: BlockDriver | undefined;
   try {
     if (srcFile !== undefined) {
       if (await sameFile(srcFile, drv.filename)) throw lockError(`Could not open '${srcFile}': `, srcFile);
-      src = await openForCli(srcFile, { noBacking: true, ...(srcFormat !== undefined ? { format: srcFormat } : {}) });
+      // qemu-img opens the source by name and format only: an encrypted one cannot get its key.
+      src = await openForCli(srcFile, { noBacking: true, needKey: true, ...(srcFormat !== undefined ? { format: srcFormat } : {}) });
     }
     for (const op of ops) {
       try {

@@ -14,10 +14,10 @@ import { combinePath } from '../ops/info.js';
 import { checkCacheMode, qprint } from './common.js';
 import { CliError, HelpRequested, UsageError, messageOf } from './errors.js';
 import { getopt } from './getopt.js';
-import { closeAll, openForCli } from './open.js';
+import { closeAll, secretsFromObjects } from './open.js';
 import type { Io } from './output.js';
 import { ProgressPrinter } from './progress.js';
-import { cvtnum, openWritable } from './toolbox-common.js';
+import { cvtnum, deepestBackingKey, openChainMemberWritable, openWritable } from './toolbox-common.js';
 
 function canonical(p: string): string | undefined {
   try {
@@ -61,6 +61,7 @@ export async function cmdCommit(argv: string[], io: Io): Promise<number> {
   let progress = false;
   let quiet = false;
   let imageOpts = false;
+  const objects: string[] = [];
   for (const o of options) {
     switch (o.name) {
       case 'h':
@@ -91,23 +92,28 @@ export async function cmdCommit(argv: string[], io: Io): Promise<number> {
       case 'image-opts':
         imageOpts = true;
         break;
+      case 'object':
+        objects.push(o.value!);
+        break;
       default:
-        break; // --object
+        break;
     }
   }
+  const secrets = secretsFromObjects(objects);
   if (quiet) progress = false;
   if (operands.length !== 1) throw new UsageError('Expecting one image file name');
   if (cache !== undefined) checkCacheMode(cache, false);
   if (imageOpts && format !== undefined) throw new CliError('--image-opts and --format are mutually exclusive');
   const file = operands[0]!;
 
-  const top = await openWritable(file, { imageOpts, ...(format !== undefined ? { format } : {}) }, io);
+  const top = await openWritable(file, { imageOpts, ...(format !== undefined ? { format } : {}), ...(secrets ? { secrets } : {}) }, io);
   let base: BlockDriver | undefined;
   try {
     let depth: number;
     if (baseName !== undefined) {
       const d = findBackingImage(top, baseName);
-      if (d === undefined) throw new CliError(`Did not find '${baseName}' in the backing chain of '${file}'`);
+      // Images whose options name a backing key are known to QEMU by those options, not by name.
+      if (d === undefined || d <= deepestBackingKey(file, imageOpts)) throw new CliError(`Did not find '${baseName}' in the backing chain of '${file}'`);
       depth = d;
     } else {
       if (!top.backing) throw new CliError('Image does not have a backing file');
@@ -119,7 +125,7 @@ export async function cmdCommit(argv: string[], io: Io): Promise<number> {
       throw new CliError(`Image format '${top.format}' cannot be emptied after a commit; use -d to keep its data`);
     }
 
-    base = await openForCli(chainBase.filename, { writable: true, format: chainBase.format });
+    base = await openChainMemberWritable(file, { imageOpts, ...(secrets ? { secrets } : {}) }, depth, chainBase);
     if (base instanceof RawDriver && base.size < top.size) await base.truncate(top.size);
 
     const bar = new ProgressPrinter(io.out, progress, 1.0, 'absolute');

@@ -11,11 +11,11 @@ import { createImage } from '../ops/create.js';
 import { ddCopy, planDd } from '../ops/dd.js';
 import { CliError, HelpRequested, messageOf } from './errors.js';
 import { getopt } from './getopt.js';
-import { closeAll, openForCli } from './open.js';
+import { closeAll, openForCli, secretsFromObjects } from './open.js';
 import type { Io } from './output.js';
 import { QEMU_FORMATS } from './rebase-command.js';
 import { blockLength } from './resize-command.js';
-import { cvtnum, sameFile } from './toolbox-common.js';
+import { cvtnum, openChainForCli, sameFile } from './toolbox-common.js';
 
 const INT_MAX = 2147483647n;
 
@@ -47,6 +47,7 @@ export async function cmdDd(argv: string[], io: Io): Promise<number> {
   let format: string | undefined;
   let outFormat = 'raw';
   let imageOpts = false;
+  const objects: string[] = [];
   for (const o of options) {
     switch (o.name) {
       case 'h':
@@ -61,10 +62,14 @@ export async function cmdDd(argv: string[], io: Io): Promise<number> {
       case 'image-opts':
         imageOpts = true;
         break;
+      case 'object':
+        objects.push(o.value!);
+        break;
       default:
-        break; // -U, --object
+        break; // -U
     }
   }
+  const secrets = secretsFromObjects(objects);
   let bs = 512n;
   let count: bigint | undefined;
   let skip: bigint | undefined;
@@ -98,7 +103,7 @@ export async function cmdDd(argv: string[], io: Io): Promise<number> {
   if (input === undefined || output === undefined) throw new CliError('Must specify both input and output files');
   if (imageOpts && format !== undefined) throw new CliError('--image-opts and --format are mutually exclusive');
 
-  const src = await openForCli(input, { imageOpts, ...(format !== undefined ? { format } : {}) });
+  const src = await openChainForCli(input, { imageOpts, needKey: true, ...(format !== undefined ? { format } : {}), ...(secrets ? { secrets } : {}) });
   let dst: BlockDriver | undefined;
   try {
     if (!QEMU_FORMATS.has(outFormat)) throw new CliError('Unknown file format');

@@ -17,7 +17,8 @@ import { NbdServer, type ListenTarget } from '../nbd/server.js';
 import { loadX509Server, type TlsConfig } from '../nbd/tls.js';
 import { CliError, HelpRequested, UsageError, messageOf } from './errors.js';
 import { getopt } from './getopt.js';
-import { openForCli, resolveImageArg } from './open.js';
+import { resolveImageArg } from './open.js';
+import { openChainForCli } from './toolbox-common.js';
 import type { Io } from './output.js';
 
 export const NBD_USAGE = `Usage: qcowkit nbd [OPTIONS] FILE
@@ -179,27 +180,32 @@ class VersionRequested extends Error {}
 function checkImageOptSecrets(text: string, objects: Map<string, unknown>): string {
   const kept: string[] = [];
   for (const [k, v] of splitQemuOpts(text)) {
-    if (k === 'encrypt.key-secret' || k === 'key-secret' || k === 'password-secret') {
+    if (k === 'key-secret' || k === 'password-secret') {
       if (!objects.has(v)) throw new CliError(`No secret with id '${v}'`);
-      continue; // encryption is not implemented yet: opening an encrypted image reports that
+      continue; // options of drivers qcowkit does not have (luks, ssh...): opening reports that
     }
-    if (k === 'encrypt.format') continue;
+    // qcow2's encrypt.key-secret (and backing.…encrypt.key-secret) go to the image layer, which
+    // looks the secret up when it unlocks the image.
     kept.push(k === 'qom-type' ? v.replace(/,/g, ',,') : `${k}=${v.replace(/,/g, ',,')}`);
   }
   return kept.join(',');
 }
 
 /** The driver to export, and whether its format is raw by probing (QEMU then guards block 0). */
-async function openDriver(a: NbdArgs, objects: Map<string, unknown>): Promise<{ drv: BlockDriver; probedRaw: boolean }> {
+async function openDriver(a: NbdArgs, objects: ReturnType<typeof parseObjects>): Promise<{ drv: BlockDriver; probedRaw: boolean }> {
   const file = a.imageOpts ? checkImageOptSecrets(a.file, objects) : a.file;
   const formatGiven = resolveImageArg(file, { ...(a.format !== undefined ? { format: a.format } : {}), imageOpts: a.imageOpts }).format !== undefined;
   const writable = !a.readOnly && !a.snapshot && !a.loadSnapshot;
+  const secrets = new Map<string, Uint8Array>();
+  for (const [id, o] of objects) if (o.type === 'secret') secrets.set(id, new Uint8Array(o.value));
   let drv: BlockDriver;
   try {
-    drv = await openForCli(file, {
+    drv = await openChainForCli(file, {
       ...(a.format !== undefined ? { format: a.format } : {}),
       imageOpts: a.imageOpts,
       writable,
+      needKey: true,
+      ...(secrets.size ? { secrets } : {}),
       provider: nbdFileProvider,
       ...(a.loadSnapshot ? { snapshot: a.loadSnapshot } : {}),
     });

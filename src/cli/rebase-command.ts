@@ -17,10 +17,10 @@ import { rebase } from '../ops/rebase.js';
 import { checkCacheMode } from './common.js';
 import { CliError, HelpRequested, UsageError, messageOf } from './errors.js';
 import { getopt } from './getopt.js';
-import { closeAll } from './open.js';
+import { closeAll, resolveImageArg, secretsFromObjects } from './open.js';
 import type { Io } from './output.js';
 import { ProgressPrinter } from './progress.js';
-import { lockError, openWritable, sameFile } from './toolbox-common.js';
+import { lockError, openWritable, requireKeys, sameFile, splitBackingKeySecrets } from './toolbox-common.js';
 
 /** Format names qemu-img 7.2 knows (bdrv_find_format). */
 export const QEMU_FORMATS = new Set([
@@ -28,6 +28,31 @@ export const QEMU_FORMATS = new Set([
   'vvfat', 'file', 'host_device', 'host_cdrom', 'nbd', 'blkdebug', 'blkverify', 'null-co', 'null-aio',
   'copy-on-read', 'throttle', 'compress', 'quorum', 'replication', 'preallocate', 'snapshot-access',
 ]);
+
+/**
+ * The name QEMU gives an image opened with key secrets in `--image-opts` (its own
+ * `encrypt.key-secret`, or `backing.…encrypt.key-secret`): a `json:{...}` pseudo-filename, against
+ * which no relative backing name can be resolved. Undefined when QEMU keeps the plain file name.
+ */
+function optionsFilename(arg: string, imageOpts: boolean, img: BlockDriver): string | undefined {
+  if (!imageOpts) return undefined;
+  const spec = resolveImageArg(arg, { imageOpts });
+  const keys = splitBackingKeySecrets(arg).keys;
+  if (spec.keySecret !== undefined) keys.set(0, spec.keySecret);
+  if (!keys.size) return undefined;
+  const deepest = Math.max(...keys.keys());
+  // QEMU's QDict happens to print these keys in this order.
+  const node = (drv: BlockDriver, depth: number, filename: string): string => {
+    const parts: string[] = [];
+    if (depth < deepest && drv.backing) parts.push(`"backing": ${node(drv.backing, depth + 1, drv.backing.filename)}`);
+    const key = keys.get(depth);
+    if (key !== undefined) parts.push(`"encrypt.key-secret": ${JSON.stringify(key)}`);
+    parts.push(`"driver": ${JSON.stringify(drv.format)}`);
+    parts.push(`"file": {"driver": "file", "filename": ${JSON.stringify(filename)}}`);
+    return `{${parts.join(', ')}}`;
+  };
+  return `json:${node(img, 0, spec.filename)}`;
+}
 
 export async function cmdRebase(argv: string[], io: Io): Promise<number> {
   const { options, operands } = getopt(argv, {
@@ -43,6 +68,7 @@ export async function cmdRebase(argv: string[], io: Io): Promise<number> {
   let cache: string | undefined;
   let srcCache: string | undefined;
   let imageOpts = false;
+  const objects: string[] = [];
   for (const o of options) {
     switch (o.name) {
       case 'h':
@@ -75,10 +101,14 @@ export async function cmdRebase(argv: string[], io: Io): Promise<number> {
       case 'image-opts':
         imageOpts = true;
         break;
+      case 'object':
+        objects.push(o.value!);
+        break;
       default:
-        break; // -U, --object
+        break; // -U
     }
   }
+  const secrets = secretsFromObjects(objects);
   if (quiet) progress = false;
   if (operands.length !== 1) throw new UsageError('Expecting one image file name');
   if (!unsafe && backing === undefined) throw new UsageError('Must specify backing file (-b) or use unsafe mode (-u)');
@@ -89,7 +119,11 @@ export async function cmdRebase(argv: string[], io: Io): Promise<number> {
   if (srcCache !== undefined) checkCacheMode(srcCache, true);
   if (imageOpts && format !== undefined) throw new CliError('--image-opts and --format are mutually exclusive');
 
-  const img = await openWritable(file, { imageOpts, noBacking: unsafe, ...(format !== undefined ? { format } : {}) }, io);
+  const img = await openWritable(
+    file,
+    { imageOpts, noBacking: unsafe, ...(format !== undefined ? { format } : {}), ...(secrets ? { secrets } : {}) },
+    io,
+  );
   let newBacking: BlockDriver | undefined;
   try {
     if (backingFormat !== undefined && !QEMU_FORMATS.has(backingFormat)) {
@@ -97,6 +131,10 @@ export async function cmdRebase(argv: string[], io: Io): Promise<number> {
     }
     const name = backing ?? '';
     if (!unsafe && name) {
+      const json = optionsFilename(file, imageOpts, img);
+      if (json !== undefined && !name.startsWith('/')) {
+        throw new CliError(`Could not resolve backing filename: Cannot use relative backing file names for '${json}'`);
+      }
       const full = combinePath(img.filename, name);
       if (await sameFile(full, img.filename)) throw lockError(`Could not open new backing file '${name}': `, name);
       try {
@@ -108,6 +146,9 @@ export async function cmdRebase(argv: string[], io: Io): Promise<number> {
       } catch (e) {
         throw new CliError(`Could not open new backing file '${name}': ${messageOf(e)}`);
       }
+      // qemu-img opens the new backing file with no options but its format: an encrypted one
+      // (or one over an encrypted backing file) cannot be given its key.
+      await requireKeys(newBacking, `Could not open new backing file '${name}': `);
     }
     if (name && backingFormat === undefined) {
       throw new CliError(`Could not change the backing file to '${name}': backing format must be specified`);

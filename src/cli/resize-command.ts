@@ -22,7 +22,7 @@ import { RawDriver } from '../formats/raw/driver.js';
 import { qprint } from './common.js';
 import { CliError, HelpRequested, UsageError, messageOf } from './errors.js';
 import { getopt } from './getopt.js';
-import { closeAll } from './open.js';
+import { closeAll, secretsFromObjects } from './open.js';
 import type { Io } from './output.js';
 import { openWritable } from './toolbox-common.js';
 
@@ -104,7 +104,23 @@ async function resizeQcow2(drv: Qcow2Driver, newSize: number, prealloc: ResizePr
 
   // Shrinking with snapshots (v3) and zeroing the new area over a larger backing file: resize.ts.
   await drv.resize(newSize);
-  if (newSize > old && prealloc !== 'off') await writeZeroData(drv, old, newSize);
+  if (newSize > old && prealloc !== 'off') {
+    const cipher = drv.cipher;
+    if (!cipher) {
+      await writeZeroData(drv, old, newSize);
+    } else {
+      // Encrypted: QEMU allocates the new clusters without writing encrypted data, so they hold
+      // plain zeros in the file (and read back as the decryption of zeros, as after qemu-img).
+      const edge = Math.min(newSize, Math.ceil(old / drv.g.clusterSize) * drv.g.clusterSize);
+      await writeZeroData(drv, old, edge);
+      drv.cipher = { encrypt: async () => {}, decrypt: async () => {} };
+      try {
+        await writeZeroData(drv, edge, newSize);
+      } finally {
+        drv.cipher = cipher;
+      }
+    }
+  }
 
   if (saved.length) {
     const ops = drv.bitmapOps();
@@ -134,6 +150,7 @@ export async function cmdResize(argv: string[], io: Io): Promise<number> {
   let shrink = false;
   let imageOpts = false;
   let prealloc: ResizePrealloc = 'off';
+  const objects: string[] = [];
   for (const o of options) {
     switch (o.name) {
       case 'h':
@@ -157,10 +174,14 @@ export async function cmdResize(argv: string[], io: Io): Promise<number> {
       case 'image-opts':
         imageOpts = true;
         break;
+      case 'object':
+        objects.push(o.value!);
+        break;
       default:
-        break; // --object
+        break;
     }
   }
+  const secrets = secretsFromObjects(objects);
   if (operands.length !== 1) throw new UsageError('Expecting image file name and size');
   if (imageOpts && format !== undefined) throw new CliError('--image-opts and --format are mutually exclusive');
   const file = operands[0]!;
@@ -176,7 +197,7 @@ export async function cmdResize(argv: string[], io: Io): Promise<number> {
   }
   const n = parseSizeOption(text);
 
-  const drv = await openWritable(file, { imageOpts, ...(format !== undefined ? { format } : {}) }, io);
+  const drv = await openWritable(file, { imageOpts, ...(format !== undefined ? { format } : {}), ...(secrets ? { secrets } : {}) }, io);
   try {
     const current = BigInt(blockLength(drv));
     // int64 arithmetic as in qemu-img (a size of 2^63 or more wraps negative)

@@ -12,7 +12,7 @@ import { snapshotToJson } from '../ops/info.js';
 import { CliError, HelpRequested, UsageError, messageOf } from './errors.js';
 import { getopt } from './getopt.js';
 import { snapshotHeader, snapshotLine } from './info-format.js';
-import { closeAll, openForCli } from './open.js';
+import { closeAll, openForCli, secretsFromObjects } from './open.js';
 import type { Io } from './output.js';
 import { errnoOf, openWritable, rawProbeWarning } from './toolbox-common.js';
 
@@ -40,6 +40,7 @@ export async function cmdSnapshot(argv: string[], io: Io): Promise<number> {
   let name = '';
   let imageOpts = false;
   let forceShare = false;
+  const objects: string[] = [];
   const set = (a: Action, v = '') => {
     if (action !== undefined) throw new UsageError("Cannot mix '-l', '-a', '-c', '-d'");
     action = a;
@@ -69,15 +70,20 @@ export async function cmdSnapshot(argv: string[], io: Io): Promise<number> {
       case 'force-share':
         forceShare = true;
         break;
+      case 'object':
+        objects.push(o.value!);
+        break;
       default:
-        break; // -q (nothing to print anyway), --object
+        break; // -q (nothing to print anyway)
     }
   }
+  const secrets = secretsFromObjects(objects);
   if (operands.length !== 1) throw new UsageError('Expecting one image file name');
   const file = operands[0]!;
 
   if (action === 'list') {
-    const drv = await openForCli(file, { imageOpts });
+    // Like every qemu-img open but info's, listing needs an encrypted image's key.
+    const drv = await openForCli(file, { imageOpts, needKey: true, ...(secrets ? { secrets } : {}) });
     try {
       io.out.write(snapshotListText(drv));
     } finally {
@@ -87,7 +93,7 @@ export async function cmdSnapshot(argv: string[], io: Io): Promise<number> {
   }
 
   if (forceShare) throw new CliError(`Could not open '${file}': force-share=on can only be used with read-only images`);
-  const drv = await openWritable(file, { imageOpts }, io);
+  const drv = await openWritable(file, { imageOpts, ...(secrets ? { secrets } : {}) }, io);
   try {
     const ops = drv instanceof Qcow2Driver && drv.writer ? new SnapshotOps(drv, drv.writer) : undefined;
     switch (action) {
