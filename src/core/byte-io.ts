@@ -63,6 +63,20 @@ export async function readInto(io: ByteIO, buf: Uint8Array, offset: number): Pro
   }
 }
 
+const ZERO_CHUNK = 4 * 1024 * 1024;
+
+/** Write zeros over `[offset, offset + length)` in chunks of at most 4 MiB (one zero buffer). */
+export async function writeZeroRange(io: ByteIO, offset: number, length: number): Promise<void> {
+  if (length <= 0) return;
+  const zeros = new Uint8Array(Math.min(ZERO_CHUNK, length));
+  const end = offset + length;
+  for (let off = offset; off < end; ) {
+    const n = Math.min(zeros.length, end - off);
+    await io.write(n === zeros.length ? zeros : zeros.subarray(0, n), off);
+    off += n;
+  }
+}
+
 /**
  * QEMU's `cache=unsafe`: every file opened through the result ignores flush requests (writes still
  * happen in the same order). For targets that are worthless until the command completes anyway,

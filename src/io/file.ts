@@ -1,6 +1,6 @@
 import { promises as fsp, constants as fsc, read as fsRead } from 'node:fs';
 import * as path from 'node:path';
-import type { ByteIO, IOProvider } from '../core/byte-io.js';
+import { writeZeroRange, type ByteIO, type IOProvider } from '../core/byte-io.js';
 import { QcowError } from '../core/errors.js';
 import { fallocateFile, sparseRuns } from './sparse.js';
 
@@ -92,8 +92,7 @@ export class FileIO implements ByteIO {
     if (this.readOnly) throw new QcowError('EPERM', `Cannot write to read-only file '${this.name}'`);
     if (await fallocateFile(this.fh.fd, true, offset, length)) return;
     const end = Math.min(offset + length, await this.size()); // past the end already reads as zeros
-    const zeros = new Uint8Array(Math.min(Math.max(end - offset, 0), 1 << 20));
-    for (let pos = offset; pos < end; pos += zeros.length) await this.write(zeros.subarray(0, Math.min(zeros.length, end - pos)), pos);
+    await writeZeroRange(this, offset, end - offset);
   }
 
   /** Allocate the range on disk (preallocation=falloc); false where the platform cannot. */

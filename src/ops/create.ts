@@ -5,7 +5,7 @@
  * message carries qemu-img's "<filename>: " prefix. A failure after the file was created removes it
  * (qemu-img removes the qcow2 file — and its data file — even when they existed before).
  */
-import type { ByteIO, IOProvider } from '../core/byte-io.js';
+import { writeZeroRange, type ByteIO, type IOProvider } from '../core/byte-io.js';
 import { QcowError } from '../core/errors.js';
 import { openImage } from '../block/open.js';
 import {
@@ -280,18 +280,6 @@ async function openForCreate(provider: IOProvider, name: string): Promise<ByteIO
   return provider.create(name);
 }
 
-const ZERO_CHUNK = 4 * 1024 * 1024;
-
-async function writeZeros(io: ByteIO, offset: number, length: number): Promise<void> {
-  const zeros = new Uint8Array(Math.min(ZERO_CHUNK, length));
-  const end = offset + length;
-  for (let off = offset; off < end; ) {
-    const n = Math.min(zeros.length, end - off);
-    await io.write(n === zeros.length ? zeros : zeros.subarray(0, n), off);
-    off += n;
-  }
-}
-
 /**
  * A raw file of `size` bytes (rounded up to 512 like qemu's file driver). off/falloc: a sparse
  * file whose first block (up to 4 KiB) is written with zeros, as qemu's file driver does so that
@@ -321,7 +309,7 @@ export async function createRawFile(
     if (errno(e) === 'EFBIG' || errno(e) === 'EINVAL') throw tooLarge();
     throw e;
   }
-  if (mode === 'full') await writeZeros(io, 0, len);
+  if (mode === 'full') await writeZeroRange(io, 0, len);
   else if (len > 0) await io.write(new Uint8Array(Math.min(4096, len)), 0);
   if (mode === 'falloc' && len > 0) await io.allocate?.(0, len);
 }
@@ -331,7 +319,7 @@ async function extendFile(io: ByteIO, length: number, mode: Exclude<Preallocatio
   const cur = await io.size();
   if (length <= cur) return;
   await io.truncate(length);
-  if (mode === 'full') await writeZeros(io, cur, length - cur);
+  if (mode === 'full') await writeZeroRange(io, cur, length - cur);
   else if (mode === 'falloc') await io.allocate?.(cur, length - cur);
 }
 

@@ -3,6 +3,7 @@
  * extra data and overlong tables under `-r all`), flagging incomplete v3 entries, and rewriting
  * the table when it needed repairs. Reproduces qemu-img 7.2's messages and counting.
  */
+import { writeReftablePointer } from './header.js';
 import * as C from './constants.js';
 import { Refcounts } from './refcount.js';
 import { CheckFailure, FIX_ERRORS, strerror, type CheckResult, type Errno } from './check-base.js';
@@ -242,13 +243,7 @@ async function writeSnapshots(img: CheckImage): Promise<void> {
     refcountOrder: img.refcountOrder,
     reftableOffset: Number(hdv.getBigUint64(0)),
     reftableClusters: hdv.getUint32(8),
-    async onReftableMoved(offset: number, clusters: number) {
-      const b = new Uint8Array(12);
-      const dv = new DataView(b.buffer);
-      dv.setBigUint64(0, BigInt(offset));
-      dv.setUint32(8, clusters);
-      await img.write(b, 48);
-    },
+    onReftableMoved: (offset: number, clusters: number) => writeReftablePointer(img, offset, clusters),
   };
   await img.flushRefcounts();
   img.dropRefcountCache();

@@ -12,7 +12,7 @@
  * everything else a hole. The allocation behaviour was worked out by creating images with
  * qemu-img and reading them back (see /work/shared/qcow-notes.md §1, §2, §9).
  */
-import type { ByteIO } from '../../core/byte-io.js';
+import { writeZeroRange, type ByteIO } from '../../core/byte-io.js';
 import { QcowError } from '../../core/errors.js';
 import * as C from './constants.js';
 import { encodeHeader, type Qcow2Header } from './header.js';
@@ -669,7 +669,6 @@ class BatchWriter {
   }
 }
 
-const ZERO_CHUNK = 4 * 1024 * 1024;
 
 /**
  * Write a fresh qcow2 image into `io` (which must be empty: a newly created or truncated file).
@@ -767,15 +766,7 @@ export async function writeQcow2Layout(io: ByteIO, layout: Qcow2Layout, extra: W
   }
   items.sort((x, y) => x.offset - y.offset);
 
-  if (layout.zeroFill) {
-    const zeros = new Uint8Array(Math.min(ZERO_CHUNK, layout.zeroFill.length));
-    const end = layout.zeroFill.offset + layout.zeroFill.length;
-    for (let off = layout.zeroFill.offset; off < end; ) {
-      const n = Math.min(zeros.length, end - off);
-      await io.write(n === zeros.length ? zeros : zeros.subarray(0, n), off);
-      off += n;
-    }
-  }
+  if (layout.zeroFill) await writeZeroRange(io, layout.zeroFill.offset, layout.zeroFill.length);
   const w = new BatchWriter(io);
   for (const it of items) {
     const data = it.encode();

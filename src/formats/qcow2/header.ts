@@ -271,6 +271,15 @@ export function featureNameTableBytes(names: FeatureName[]): Uint8Array {
  * (length = the bytes that must be written at offset 0). Extension order as QEMU writes it.
  * Sets backingFileOffset/backingFileSize from the content.
  */
+/** Write the header's refcount table pointer (offset and cluster count, bytes 48..59) in place. */
+export async function writeReftablePointer(io: { write(buf: Uint8Array, offset: number): Promise<void> }, offset: number, clusters: number): Promise<void> {
+  const b = new Uint8Array(12);
+  const dv = new DataView(b.buffer);
+  dv.setBigUint64(0, BigInt(offset));
+  dv.setUint32(8, clusters);
+  await io.write(b, 48);
+}
+
 export function encodeHeader(h: Qcow2Header): Uint8Array {
   const clusterSize = 2 ** h.clusterBits;
   const enc = new TextEncoder();

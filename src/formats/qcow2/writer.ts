@@ -14,7 +14,7 @@ import * as C from './constants.js';
 import { entryOffset, type ClusterMap, type Geometry } from './cluster-map.js';
 import type { L2Cache } from './l2-cache.js';
 import { Refcounts } from './refcount.js';
-import type { Qcow2Header } from './header.js';
+import { writeReftablePointer, type Qcow2Header } from './header.js';
 import { RequestLock } from './request-lock.js';
 import { dropActiveState, resizeTables } from './table-resize.js';
 import { durableBarrier, flushDirtyMetadata } from './metadata-flush.js';
@@ -96,11 +96,7 @@ export class Qcow2Writer {
       onReftableMoved: async (offset, clusters) => {
         hdr.refcountTableOffset = offset;
         hdr.refcountTableClusters = clusters;
-        const b = new Uint8Array(12);
-        const dv = new DataView(b.buffer);
-        dv.setBigUint64(0, BigInt(offset));
-        dv.setUint32(8, clusters);
-        await h.io.write(b, 48);
+        await writeReftablePointer(h.io, offset, clusters);
       },
     });
   }
