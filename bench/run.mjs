@@ -6,7 +6,7 @@
 //                      [--workdir DIR] [--json] [--rss time|poll] [--no-warmup]
 //                      [--timeout SEC] [--rss-target MB] [--list]
 //
-// Env: QEMU_IMG (default: qemu-img), QCOWKIT_BIN (default: node bin/qcowkit;
+// Env: QEMU_IMG (default: qemu-img), QCOWKIT_BIN (default: bin/qcowkit;
 // point it at qemu-img to test the harness itself).
 import { execFile, execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -39,7 +39,7 @@ function usage(code) {
   --no-sync          don't run sync(1) (untimed) before each command
   --timeout SEC      kill a command after SEC seconds (default 600)
   --list             list the cases and exit
-env: QEMU_IMG=path (default qemu-img), QCOWKIT_BIN=path (default: node bin/qcowkit)`;
+env: QEMU_IMG=path (default qemu-img), QCOWKIT_BIN=path (default: bin/qcowkit)`;
   (code ? process.stderr : process.stdout).write(msg + '\n');
   process.exit(code);
 }
@@ -89,11 +89,12 @@ function tools() {
   let oursLabel = 'qcowkit';
   if (process.env.QCOWKIT_BIN) {
     const b = process.env.QCOWKIT_BIN;
-    // A JS entry point runs under this node; anything else is executed directly.
-    ours = /\.(m?js|cjs)$/.test(b) || b.endsWith('bin/qcowkit') ? [process.execPath, b] : [b];
+    // A JS entry point runs under this node; anything else (bin/qcowkit too) is executed directly.
+    ours = /\.(m?js|cjs)$/.test(b) ? [process.execPath, b] : [b];
     if (!b.endsWith('qcowkit')) oursLabel = `qcowkit[=${basename(b)}]`;
   } else {
-    ours = [process.execPath, join(REPO, 'bin', 'qcowkit')];
+    // As a user runs it: the launcher's shell lines keep NODE_EXTRA_CA_CERTS out of Node's start.
+    ours = [join(REPO, 'bin', 'qcowkit')];
   }
   return { qemu: [qemu], ours, oursLabel };
 }

@@ -83,9 +83,9 @@ export function qemuIo(args: string[], opts: RunOptions = {}): Promise<RunResult
   return run('qemu-io', args, opts);
 }
 
-/** Our CLI, `bin/qcowkit`, run by the same node that runs the tests. */
+/** Our CLI, `bin/qcowkit`, executed as a user runs it (its shell lines start `node` from PATH). */
 export function qk(args: string[], opts: RunOptions = {}): Promise<RunResult> {
-  return run(process.execPath, [CLI, ...args], opts);
+  return run(CLI, args, opts);
 }
 
 const CPU_REPORT = path.join(path.dirname(fileURLToPath(import.meta.url)), 'cpu-report.cjs');
