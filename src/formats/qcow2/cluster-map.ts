@@ -128,16 +128,32 @@ export class ClusterMap {
     const firstSc = Math.floor(inCluster / g.subclusterSize);
     const guestClusterStart = offset - inCluster;
 
-    const first = this.classify(dv, l2Index - sliceStart, firstSc, guestClusterStart, l2Off, l2Index);
-    if (first.type === 'compressed' || first.type === 'invalid') {
-      return { ...first, bytes: Math.min(maxBytes, g.clusterSize - inCluster) };
+    const type = this.classify(dv, l2Index - sliceStart, firstSc, guestClusterStart, l2Off, l2Index);
+    if (type === 'compressed' || type === 'invalid') {
+      return { ...this.special!, bytes: Math.min(maxBytes, g.clusterSize - inCluster) };
     }
+    const firstHost = this.host;
     // Extend while the type stays the same and host offsets stay contiguous.
-    let nextHost = first.hostOffset !== undefined ? first.hostOffset + g.subclusterSize : undefined;
+    let nextHost = firstHost >= 0 ? firstHost + g.subclusterSize : -1;
     let bytes = g.subclusterSize - (inCluster % g.subclusterSize);
     let idx = l2Index - sliceStart;
     let sc = firstSc + 1;
     let clusterStart = guestClusterStart;
+    if (!g.extendedL2 && !g.dataFile) {
+      // Whole entries, one subcluster each: compare the raw entries (hot in scans of big tables).
+      const host = firstHost >= 0;
+      const zero = type === 'zero-alloc' || type === 'zero-plain' ? 1 : 0;
+      const last = Math.min(sliceEntries, g.l2Entries - sliceStart);
+      while (bytes < maxBytes && ++idx < last) {
+        const hi = dv.getUint32(idx * 8);
+        const lo = dv.getUint32(idx * 8 + 4);
+        if (hi & 0x40000000 || (lo & 1) !== zero) break;
+        if (entryOffset(hi, lo) !== (host ? nextHost : 0)) break;
+        if (host) nextHost += g.clusterSize;
+        bytes += g.clusterSize;
+      }
+      return { type, bytes: Math.min(bytes, maxBytes), hostOffset: host ? firstHost + inCluster : undefined };
+    }
     while (bytes < maxBytes) {
       if (sc >= g.subclustersPerCluster) {
         idx++;
@@ -145,72 +161,85 @@ export class ClusterMap {
         clusterStart += g.clusterSize;
         if (idx >= sliceEntries || sliceStart + idx >= g.l2Entries) break;
       }
-      const next = this.classify(dv, idx, sc, clusterStart, l2Off, sliceStart + idx);
-      if (next.type !== first.type) break;
-      if (nextHost !== undefined) {
-        if (next.hostOffset !== nextHost) break;
+      if (this.classify(dv, idx, sc, clusterStart, l2Off, sliceStart + idx) !== type) break;
+      if (nextHost >= 0) {
+        if (this.host !== nextHost) break;
         nextHost += g.subclusterSize;
       }
       bytes += g.subclusterSize;
       sc++;
     }
     return {
-      type: first.type,
+      type,
       bytes: Math.min(bytes, maxBytes),
-      hostOffset: first.hostOffset !== undefined ? first.hostOffset + (inCluster % g.subclusterSize) : undefined,
+      hostOffset: firstHost >= 0 ? firstHost + (inCluster % g.subclusterSize) : undefined,
     };
   }
 
+  /** Host offset of the subcluster classify() last saw (-1: none); set by every call. */
+  private host = -1;
+  /** What classify() found for a compressed or invalid entry. */
+  private special: Mapping | undefined;
+
   /**
-   * Classify subcluster `sc` of entry `idx` in the slice. hostOffset returned is the host offset of
-   * the start of that subcluster.
+   * Classify subcluster `sc` of entry `idx` in the slice; `this.host` becomes the host offset of the
+   * start of that subcluster (-1 if none), `this.special` the details of a compressed or invalid
+   * entry. No object is made for the common types: scans classify every entry of every table.
    */
-  private classify(dv: DataView, idx: number, sc: number, guestCluster: number, l2Off: number, l2Index: number): Mapping {
+  private classify(dv: DataView, idx: number, sc: number, guestCluster: number, l2Off: number, l2Index: number): SubclusterType {
     const g = this.g;
+    this.host = -1;
     const base = idx * g.entryBytes;
     const hi = dv.getUint32(base);
     const lo = dv.getUint32(base + 4);
-    const where = `(L2 offset: 0x${l2Off.toString(16)}, L2 index: 0x${l2Index.toString(16)})`;
+    // Only error paths name the entry: building this text for every entry cost more than the rest.
+    const where = () => `(L2 offset: 0x${l2Off.toString(16)}, L2 index: 0x${l2Index.toString(16)})`;
     if (hi & 0x40000000) {
-      if (g.dataFile) return { type: 'invalid', bytes: 0, problem: `Compressed cluster entry found in image with external data file ${where}` };
+      if (g.dataFile) return this.invalid(`Compressed cluster entry found in image with external data file ${where()}`);
       const x = 70 - g.clusterBits; // bits 0..x-1: byte offset
       const offHiBits = x - 32;
       const coff = (hi & ((1 << offHiBits) - 1)) * TWO32 + (lo >>> 0);
       const nbAdditional = (hi >>> offHiBits) & ((1 << (g.clusterBits - 8)) - 1);
       const length = (nbAdditional + 1) * 512 - (coff % 512);
-      return { type: 'compressed', bytes: 0, compressed: { offset: coff, length } };
+      this.special = { type: 'compressed', bytes: 0, compressed: { offset: coff, length } };
+      return 'compressed';
     }
     const host = entryOffset(hi, lo);
     const copied = (hi & 0x80000000) !== 0;
     const allocated = host !== 0 || (g.dataFile && copied);
     if (allocated) {
       if (host % g.clusterSize !== 0) {
-        return { type: 'invalid', bytes: 0, problem: `Cluster allocation offset 0x${host.toString(16)} unaligned ${where}` };
+        return this.invalid(`Cluster allocation offset 0x${host.toString(16)} unaligned ${where()}`);
       }
       if (g.dataFile && host !== guestCluster) {
-        return {
-          type: 'invalid',
-          bytes: 0,
-          problem: `External data file host cluster offset 0x${host.toString(16)} does not match guest cluster offset: 0x${guestCluster.toString(16)}`,
-        };
+        return this.invalid(
+          `External data file host cluster offset 0x${host.toString(16)} does not match guest cluster offset: 0x${guestCluster.toString(16)}`,
+        );
       }
     }
     if (!g.extendedL2) {
-      if (lo & 1) return allocated ? { type: 'zero-alloc', bytes: 0, hostOffset: host } : { type: 'zero-plain', bytes: 0 };
-      return allocated ? { type: 'normal', bytes: 0, hostOffset: host } : { type: 'unallocated', bytes: 0 };
+      if (allocated) this.host = host;
+      if (lo & 1) return allocated ? 'zero-alloc' : 'zero-plain';
+      return allocated ? 'normal' : 'unallocated';
     }
     const allocBits = dv.getUint32(base + 12) >>> 0; // bits 0..31 of the bitmap
     const zeroBits = dv.getUint32(base + 8) >>> 0; // bits 32..63
     const bit = (1 << sc) >>> 0;
     const scHost = host + sc * g.subclusterSize;
     if (allocated) {
-      if ((allocBits & zeroBits) !== 0) return { type: 'invalid', bytes: 0, problem: `Invalid cluster entry found ${where}` };
-      if (zeroBits & bit) return { type: 'zero-alloc', bytes: 0, hostOffset: scHost };
-      if (allocBits & bit) return { type: 'normal', bytes: 0, hostOffset: scHost };
-      return { type: 'unallocated-alloc', bytes: 0, hostOffset: scHost };
+      if ((allocBits & zeroBits) !== 0) return this.invalid(`Invalid cluster entry found ${where()}`);
+      this.host = scHost;
+      if (zeroBits & bit) return 'zero-alloc';
+      if (allocBits & bit) return 'normal';
+      return 'unallocated-alloc';
     }
-    if (allocBits !== 0) return { type: 'invalid', bytes: 0, problem: `Invalid cluster entry found ${where}` };
-    if (zeroBits & bit) return { type: 'zero-plain', bytes: 0 };
-    return { type: 'unallocated', bytes: 0 };
+    if (allocBits !== 0) return this.invalid(`Invalid cluster entry found ${where()}`);
+    if (zeroBits & bit) return 'zero-plain';
+    return 'unallocated';
+  }
+
+  private invalid(problem: string): 'invalid' {
+    this.special = { type: 'invalid', bytes: 0, problem };
+    return 'invalid';
   }
 }

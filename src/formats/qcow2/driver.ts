@@ -433,9 +433,7 @@ export class Qcow2Driver implements BlockDriver {
           reftableClusters: this.header.refcountTableClusters,
           onReftableMoved: async () => {},
         });
-        let count = 0;
-        for (let i = 0; i < endCluster && count < threshold; i++) if ((await rc.get(i)) > 0) count++;
-        return count >= threshold;
+        return (await rc.countInUse(endCluster, threshold)) >= threshold;
       })().catch(() => false);
     }
     return this.metadataPrealloc;

@@ -140,6 +140,20 @@ export class Refcounts {
     return b ? getRefcount(b, cluster % this.entriesPerBlock, this.host.refcountOrder) : 0;
   }
 
+  /** Clusters in `[0, end)` with a non-zero refcount, counted up to `limit` (then `limit`). */
+  async countInUse(end: number, limit: number): Promise<number> {
+    const per = this.entriesPerBlock;
+    const order = this.host.refcountOrder;
+    let count = 0;
+    for (let rt = 0; rt * per < end && count < limit; rt++) {
+      const b = await this.block(rt);
+      if (!b) continue;
+      const n = Math.min(per, end - rt * per);
+      for (let i = 0; i < n && count < limit; i++) if (getRefcount(b, i, order) > 0) count++;
+    }
+    return count;
+  }
+
   /** Add `delta` to the refcount of `cluster`, creating the refcount block if needed. */
   async update(cluster: number, delta: number): Promise<void> {
     const rt = Math.floor(cluster / this.entriesPerBlock);
