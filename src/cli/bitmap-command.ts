@@ -38,6 +38,7 @@ export async function cmdBitmap(argv: string[], io: Io): Promise<number> {
       enable: false,
       disable: false,
       merge: true,
+      granularity: true,
     },
   });
   let srcFile: string | undefined;
@@ -62,6 +63,7 @@ export async function cmdBitmap(argv: string[], io: Io): Promise<number> {
         srcFormat = o.value!;
         break;
       case 'g':
+      case 'granularity':
         granularity = cvtnum('granularity', o.value!);
         break;
       case 'add':

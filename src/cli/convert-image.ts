@@ -14,6 +14,8 @@ import { createImage } from '../ops/create.js';
 import { ConvertFailure, convertImages, convertedSize, driverTarget, type ConvertTarget } from '../ops/convert.js';
 import { convertCompressed } from '../ops/convert-compressed.js';
 import { createQcow } from '../formats/qcow/create.js';
+import { Qcow2Driver } from '../formats/qcow2/driver.js';
+import { checkTargetBitmaps, copyBitmaps } from './convert-bitmaps.js';
 import { CliError, messageOf } from './errors.js';
 import type { Io } from './output.js';
 import { ProgressPrinter } from './progress.js';
@@ -37,6 +39,8 @@ export interface ImageConvertArgs {
   secrets?: Map<string, Uint8Array>;
   /** `encrypt.key-secret` of an existing target (`-n --target-image-opts`). */
   targetKeySecret?: string;
+  /** `--bitmaps`: copy the source's persistent bitmaps (sources already checked). */
+  bitmaps?: { skipBroken: boolean };
 }
 
 interface Compressible extends BlockDriver {
@@ -148,6 +152,7 @@ export async function convertToImage(a: ImageConvertArgs, sources: BlockDriver[]
         })
       : await openTarget();
     if (target.size < total) throw new CliError('output file is smaller than input file');
+    if (a.bitmaps) checkTargetBitmaps(target);
     const bar = new ProgressPrinter(io.out, a.progress, 1.0, 'absolute');
     const drv = target as Compressible;
     if (a.compress) {
@@ -178,6 +183,7 @@ export async function convertToImage(a: ImageConvertArgs, sources: BlockDriver[]
         ...(a.progress ? { onProgress: bar.report } : {}),
       });
     }
+    if (a.bitmaps) await copyBitmaps(sources[0]!, target as Qcow2Driver, a.bitmaps.skipBroken, io);
     await target.close();
     target = undefined;
     bar.end();

@@ -12,6 +12,8 @@ import type { Io } from './output.js';
 import { ProgressPrinter } from './progress.js';
 import { RawFileTarget } from './raw-target.js';
 import { convertToImage } from './convert-image.js';
+import { checkSourceBitmaps } from './convert-bitmaps.js';
+import { writeCreateOptionsHelp } from './create-command.js';
 
 /** Formats qemu-img 7.2 knows; converting to any but raw is a later qcowkit feature. */
 const KNOWN_FORMATS = new Set([
@@ -37,6 +39,7 @@ interface ConvertArgs {
   imageOpts: boolean;
   targetImageOpts: boolean;
   bitmaps: boolean;
+  skipBrokenBitmaps: boolean;
   objects: string[];
 }
 
@@ -69,7 +72,7 @@ function parseArgs(argv: string[]): { args: ConvertArgs; operands: string[] } {
   });
   const a: ConvertArgs = {
     quiet: false, progress: false, skipCreate: false, targetIsZero: false, compress: false, createOpts: [],
-    minSparse: 4096, coroutines: 8, imageOpts: false, targetImageOpts: false, bitmaps: false, objects: [],
+    minSparse: 4096, coroutines: 8, imageOpts: false, targetImageOpts: false, bitmaps: false, skipBrokenBitmaps: false, objects: [],
   };
   for (const o of options) {
     const v = o.value!;
@@ -109,8 +112,9 @@ function parseArgs(argv: string[]): { args: ConvertArgs; operands: string[] } {
       case 'target-image-opts': a.targetImageOpts = true; break;
       case 'target-is-zero': a.targetIsZero = true; break;
       case 'bitmaps': a.bitmaps = true; break;
+      case 'skip-broken-bitmaps': a.skipBrokenBitmaps = true; break;
       case 'object': a.objects.push(v); break;
-      default: break; // -C, -W, -U, --salvage, --skip-broken-bitmaps
+      default: break; // -C, -W, -U, --salvage
     }
   }
   if (a.quiet) a.progress = false;
@@ -130,8 +134,6 @@ function rawCreateOptions(list: string[]): boolean {
   }
   return prealloc;
 }
-
-const RAW_OPTIONS_HELP = 'Supported raw options:\n  size=<size>            - Virtual disk size\n';
 
 async function isDevice(name: string): Promise<boolean> {
   try {
@@ -158,8 +160,10 @@ export async function cmdConvert(argv: string[], io: Io): Promise<number> {
   if (a.skipCreate && a.createOpts.length) throw new CliError('-o has no effect when skipping image creation');
   if (a.imageOpts && a.format !== undefined) throw new CliError('--image-opts and --format are mutually exclusive');
   if (a.targetImageOpts && a.outFormat !== undefined) throw new CliError('--image-opts and --format are mutually exclusive');
-  if (a.createOpts.length && rawCreateOptionsIsHelp(a.createOpts) && (a.outFormat ?? 'raw') === 'raw') {
-    io.out.write(`${RAW_OPTIONS_HELP}\nThe protocol level may support further options.\nSpecify the target filename to include those options.\n`);
+  if (a.skipBrokenBitmaps && !a.bitmaps) throw new CliError('Use of --skip-broken-bitmaps requires --bitmaps');
+  if (a.createOpts.length && createOptionsAskHelp(a.createOpts)) {
+    // As create -f FMT -o help; the target's name (with at least one source) adds the file options.
+    writeCreateOptionsHelp(io, a.outFormat ?? 'raw', operands.length >= 2);
     return 0;
   }
   if (operands.length < 2) throw new CliError('Must specify image file name');
@@ -181,13 +185,14 @@ export async function cmdConvert(argv: string[], io: Io): Promise<number> {
         }),
       );
     }
+    if (a.bitmaps) checkSourceBitmaps(sources, a.skipBrokenBitmaps);
     return await convertTo(a, sources, dstArg, io, secrets);
   } finally {
     await closeAll(sources);
   }
 }
 
-function rawCreateOptionsIsHelp(list: string[]): boolean {
+function createOptionsAskHelp(list: string[]): boolean {
   return list.some((t) => parseQemuOpts(t).some(([k]) => k === 'help' || k === '?'));
 }
 
@@ -197,7 +202,6 @@ async function convertTo(a: ConvertArgs, sources: BlockDriver[], dstArg: string,
   const dstFile = a.targetImageOpts ? resolveImageArg(dstArg, { imageOpts: true }).filename : dstArg;
   if (!KNOWN_FORMATS.has(outFormat)) throw new CliError(`Unknown file format '${outFormat}'`);
   if (outFormat === 'qcow2' || outFormat === 'qcow') {
-    if (a.bitmaps) throw new CliError('convert --bitmaps is not supported yet');
     for (const src of sources) {
       for (let d: BlockDriver | undefined = src; d; d = d.backing) {
         if (await sameFile(dstFile, d.filename)) {
@@ -216,6 +220,7 @@ async function convertTo(a: ConvertArgs, sources: BlockDriver[], dstArg: string,
         compress: a.compress,
         skipCreate: a.skipCreate,
         targetIsZero: a.targetIsZero,
+        ...(a.bitmaps ? { bitmaps: { skipBroken: a.skipBrokenBitmaps } } : {}),
         minSparse: a.minSparse,
         coroutines: a.coroutines,
         progress: a.progress,

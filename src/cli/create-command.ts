@@ -29,6 +29,19 @@ function qcowFormatHelp(): string {
   return `Supported qcow options:\n${lines.join('\n')}\n\nThe protocol level may support further options.\nSpecify the target filename to include those options.\n`;
 }
 
+/**
+ * `-o help` of create (and of convert, which prints the same): the format's options, and with a
+ * file name given, those of the protocol (file) level too.
+ */
+export function writeCreateOptionsHelp(io: Io, format: string, withFile: boolean): void {
+  if (format === 'qcow') {
+    io.out.write(withFile ? QCOW_CREATE_HELP : qcowFormatHelp());
+    return;
+  }
+  if (format !== 'qcow2' && format !== 'raw') throw new CliError(`Unknown file format '${format}'`);
+  io.out.write(optionsHelp(format as CreateFormat, withFile));
+}
+
 /** The SIZE argument as qemu-img's img_create reads it. */
 export function parseSizeArgument(text: string, warn?: (m: string) => void): bigint {
   const warnings: string[] = [];
@@ -98,12 +111,7 @@ export async function runCreate(argv: string[], io: Io = processIo()): Promise<n
   const secrets = secretsFromObjects(objects);
 
   if (optionLists.some(hasHelpOption)) {
-    if (format === 'qcow') {
-      io.out.write(operands.length > 0 ? QCOW_CREATE_HELP : qcowFormatHelp());
-      return 0;
-    }
-    if (format !== 'qcow2' && format !== 'raw') throw new CliError(`Unknown file format '${format}'`);
-    io.out.write(optionsHelp(format as CreateFormat, operands.length > 0));
+    writeCreateOptionsHelp(io, format, operands.length > 0);
     return 0;
   }
   if (operands.length < 1) throw new UsageError('Expecting image file name');

@@ -70,6 +70,8 @@ const runs: string[][] = [
   ['--add', '-g', '6G', 'a.qcow2', 'n1'],
   ['--add', '-g', '4294967808', 'a.qcow2', 'n1'],
   ['--add', '-g', '3k', 'a.qcow2', 'n1'],
+  ['--add', '--granularity', '8k', 'a.qcow2', 'n1'],
+  ['--add', '--granularity=3k', 'a.qcow2', 'n1'],
   ['--add', '-g', '4G', 'a.qcow2', 'n1'],
   ['--add', '-g', 'abc', 'a.qcow2', 'n1'],
   ['--add', '--disable', 'a.qcow2', 'n1'],
