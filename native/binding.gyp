@@ -5,6 +5,12 @@
       "sources": ["sparse.c"],
       "defines": ["NAPI_VERSION=8", "_FILE_OFFSET_BITS=64", "_GNU_SOURCE"],
       "cflags": ["-Wall", "-Wextra"]
+    },
+    {
+      "target_name": "qcowkit_zlib",
+      "sources": ["zlib.c"],
+      "defines": ["NAPI_VERSION=8"],
+      "cflags": ["-Wall", "-Wextra"]
     }
   ]
 }

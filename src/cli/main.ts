@@ -77,7 +77,7 @@ function loadCodecs(): Promise<Codecs> {
   return nodeCodecs;
 }
 const lazyCodecs: Codecs = {
-  inflateRaw: async (input, outLen) => (await loadCodecs()).inflateRaw(input, outLen),
+  inflateRaw: async (input, outLen, out) => (await loadCodecs()).inflateRaw(input, outLen, out),
   deflateRaw: async (input, limit) => (await loadCodecs()).deflateRaw!(input, limit),
   zstdDecompress: async (input, outLen) => (await loadCodecs()).zstdDecompress(input, outLen),
   zstdCompress: async (input, limit) => (await loadCodecs()).zstdCompress!(input, limit),

@@ -39,8 +39,34 @@ export function inflateRawSync(input: Uint8Array, outLen: number): Uint8Array {
   return out;
 }
 
-async function inflateRaw(input: Uint8Array, outLen: number): Promise<Uint8Array> {
-  return inflateRawSync(input, outLen);
+/** native/zlib.c: inflate on libuv's thread pool (undefined when the addon was not built). */
+type ZlibAddon = { inflateRaw(input: Uint8Array, output: Uint8Array): Promise<number> };
+let zlibAddon: ZlibAddon | null | undefined;
+function nativeZlib(): ZlibAddon | null {
+  if (zlibAddon === undefined) {
+    zlibAddon = null;
+    try {
+      // Compiled to dist/codecs/node.js; the addon is at <package>/native/build/Release/.
+      const mod = createRequire(import.meta.url)('../../native/build/Release/qcowkit_zlib.node') as Partial<ZlibAddon>;
+      if (typeof mod.inflateRaw === 'function') zlibAddon = mod as ZlibAddon;
+    } catch {
+      // not built: node:zlib on the main thread
+    }
+  }
+  return zlibAddon;
+}
+
+/**
+ * Inflate one cluster: on the thread pool when the addon is there (clusters of a read then
+ * decompress on every core, as in QEMU), else synchronously with node:zlib.
+ */
+async function inflateRaw(input: Uint8Array, outLen: number, out?: Uint8Array): Promise<Uint8Array> {
+  const addon = nativeZlib();
+  if (!addon) return inflateRawSync(input, outLen);
+  const dst = out && out.length === outLen ? out : new Uint8Array(outLen);
+  const n = await addon.inflateRaw(input, dst).catch(() => -1);
+  if (n !== outLen) throw new QcowError('EIO', 'Input/output error (bad compressed cluster)');
+  return dst;
 }
 
 function deflateRaw(input: Uint8Array, limit: number): Promise<Uint8Array | undefined> {

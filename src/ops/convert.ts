@@ -170,11 +170,8 @@ export async function convertImages(sources: readonly BlockDriver[], target: Con
       }
       if (readable < t.length) chunk.fill(0, readable);
       const parts: number[] = [];
-      for (let o = 0; o < t.length; o += t.unit) {
-        const part = chunk.subarray(o, Math.min(t.length, o + t.unit));
-        await writePart(target, part, t.to + o, minSparse, skipZero);
-        parts.push(part.length);
-      }
+      for (let o = 0; o < t.length; o += t.unit) parts.push(Math.min(t.unit, t.length - o));
+      await writeChunk(target, chunk, t.to, t.unit, minSparse, skipZero);
       inOrder.complete(id, parts);
     }
   };
@@ -217,15 +214,39 @@ class InOrderProgress {
   }
 }
 
-/** Write one chunk of data: its data runs as writes, its zero runs as holes (or zero writes). */
-async function writePart(target: ConvertTarget, part: Uint8Array, to: number, minSparse: number, skipZero: boolean): Promise<void> {
-  const sectors = Math.ceil(part.length / SECTOR);
-  for (const r of sparseRuns(part, sectors, Math.floor(to / SECTOR), minSparse)) {
-    const a = r.start * SECTOR;
-    const b = Math.min(part.length, (r.start + r.count) * SECTOR);
-    if (r.data) await guardedWrite(to + a, () => target.write(to + a, part.subarray(a, b)));
+/**
+ * Write a chunk of data: its data runs as writes, its zero runs as holes (or zero writes). Runs
+ * are found unit by unit (qemu-img's requests: where holes fall depends on them), then adjacent
+ * runs of the same kind go out as one request.
+ */
+async function writeChunk(target: ConvertTarget, chunk: Uint8Array, to: number, unit: number, minSparse: number, skipZero: boolean): Promise<void> {
+  let runStart = 0;
+  let runEnd = 0;
+  let runData = false;
+  const flush = async () => {
+    if (runEnd === runStart) return;
+    const a = runStart;
+    const b = runEnd;
+    if (runData) await guardedWrite(to + a, () => target.write(to + a, chunk.subarray(a, b)));
     else if (!skipZero) await guardedWrite(to + a, () => target.writeZeroes(to + a, b - a));
+  };
+  for (let o = 0; o < chunk.length; o += unit) {
+    const part = chunk.subarray(o, Math.min(chunk.length, o + unit));
+    const sectors = Math.ceil(part.length / SECTOR);
+    for (const r of sparseRuns(part, sectors, Math.floor((to + o) / SECTOR), minSparse)) {
+      const a = o + r.start * SECTOR;
+      const b = o + Math.min(part.length, (r.start + r.count) * SECTOR);
+      if (r.data === runData && a === runEnd) {
+        runEnd = b;
+        continue;
+      }
+      await flush();
+      runStart = a;
+      runEnd = b;
+      runData = r.data;
+    }
   }
+  await flush();
 }
 
 async function guardedWrite(at: number, fn: () => Promise<void>): Promise<void> {

@@ -30,6 +30,8 @@ export interface Qcow2OpenOptions extends OpenOptions {
 
 /** Largest extent list blockStatus returns per call (callers loop). */
 const MAX_EXTENTS_PER_CALL = 8192;
+/** Compressed clusters of one read being inflated at once. */
+const INFLATE_IN_FLIGHT = 4;
 
 export class Qcow2Driver implements BlockDriver {
   readonly format = 'qcow2';
@@ -304,14 +306,22 @@ export class Qcow2Driver implements BlockDriver {
       if (start >= this.fileSize) throw corruption(`compressed cluster at offset 0x${start.toString(16)} is past the end of the file`);
       const chunk = new Uint8Array(Math.min(end, this.fileSize) - start);
       await readInto(this.io, chunk, start);
-      for (let k = i; k < j; k++) {
-        const { m, sub, guest } = sorted[k]!;
-        const c = m.compressed!;
-        const input = chunk.subarray(c.offset - start, Math.min(c.offset - start + c.length, chunk.length));
-        const cluster = await this.decompress(input, c.offset);
-        const inCluster = guest % this.g.clusterSize;
-        sub.set(cluster.subarray(inCluster, inCluster + sub.length));
-      }
+      // Inflate a few at a time (the codec may run them on other threads); a whole cluster
+      // asked for is inflated straight into the caller's buffer.
+      const first = i;
+      let next = i;
+      const one = async (): Promise<void> => {
+        for (let k = next++; k < j; k = next++) {
+          const { m, sub, guest } = sorted[k]!;
+          const c = m.compressed!;
+          const input = chunk.subarray(c.offset - start, Math.min(c.offset - start + c.length, chunk.length));
+          const inCluster = guest % this.g.clusterSize;
+          const whole = inCluster === 0 && sub.length === this.g.clusterSize;
+          const cluster = await this.decompress(input, c.offset, whole ? sub : undefined);
+          if (cluster !== sub) sub.set(cluster.subarray(inCluster, inCluster + sub.length));
+        }
+      };
+      await Promise.all(Array.from({ length: Math.min(INFLATE_IN_FLIGHT, j - first) }, one));
       i = j;
     }
   }
@@ -359,12 +369,13 @@ export class Qcow2Driver implements BlockDriver {
     if (n < sub.length) sub.fill(0, n);
   }
 
-  protected async decompress(input: Uint8Array, coffset: number): Promise<Uint8Array> {
+  /** One compressed cluster's bytes; `out` (a cluster long) may receive them (and is then returned). */
+  protected async decompress(input: Uint8Array, coffset: number, out?: Uint8Array): Promise<Uint8Array> {
     const cs = this.g.clusterSize;
     try {
       return this.header.compressionType === C.COMPRESSION_ZSTD
         ? await codecs().zstdDecompress(input, cs)
-        : await codecs().inflateRaw(input, cs);
+        : await codecs().inflateRaw(input, cs, out);
     } catch (e) {
       if (e instanceof QcowError && e.code === 'ENOTSUP') throw e;
       throw new QcowError('EIO', `Input/output error: could not decompress the cluster at host offset 0x${coffset.toString(16)}`);
