@@ -10,7 +10,6 @@ import type { ByteIO } from '../core/byte-io.js';
 import { qjson } from '../core/qjson.js';
 import { Qcow2Checker, fixMode, type RepairMode } from '../formats/qcow2/check.js';
 import { INCOMPAT_DATA_FILE } from '../formats/qcow2/constants.js';
-import { fileProvider } from '../io/file.js';
 import {
   CheckFailure,
   checkExitCode,
@@ -22,7 +21,7 @@ import {
 import { checkCacheMode, parseOutputFormat, qprint } from './common.js';
 import { CliError, HelpRequested, UsageError, messageOf } from './errors.js';
 import { getopt } from './getopt.js';
-import { resolveImageArg, secretsFromObjects } from './open.js';
+import { cliProvider, resolveImageArg, secretsFromObjects } from './open.js';
 import { openDataCipher } from '../formats/crypto/qcow2.js';
 import type { Qcow2Header } from '../formats/qcow2/header.js';
 import { processIo, type Io } from './output.js';
@@ -99,7 +98,7 @@ export async function runCheck(argv: string[], io: Io = processIo()): Promise<nu
 
   let file: ByteIO;
   try {
-    file = withSyncReads(await fileProvider.open(spec.filename, { readOnly: fix === 0 }));
+    file = withSyncReads(await cliProvider.open(spec.filename, { readOnly: fix === 0 }));
   } catch (e) {
     throw new CliError(`Could not open '${arg}': ${messageOf(e)}`);
   }
@@ -138,7 +137,7 @@ export async function runCheck(argv: string[], io: Io = processIo()): Promise<nu
       const name = spec.dataFile ?? header.dataFile;
       if (name !== undefined) {
         try {
-          await (await fileProvider.open(name, { readOnly: true })).close();
+          await (await cliProvider.open(name, { readOnly: true })).close();
         } catch (e) {
           throw new CliError(`Could not open '${arg}': ${messageOf(e)}`);
         }
@@ -147,8 +146,8 @@ export async function runCheck(argv: string[], io: Io = processIo()): Promise<nu
     if (header.backingFile !== undefined) {
       // qemu-img opens the backing chain too: a missing backing file fails the check.
       try {
-        const name = fileProvider.resolve(spec.filename, header.backingFile);
-        const b = await openImage(name, { io: fileProvider, readOnly: true, ...(header.backingFormat ? { format: header.backingFormat } : {}) });
+        const name = cliProvider.resolve(spec.filename, header.backingFile);
+        const b = await openImage(name, { io: cliProvider, readOnly: true, ...(header.backingFormat ? { format: header.backingFormat } : {}) });
         await b.close();
       } catch (e) {
         throw new CliError(`Could not open '${arg}': Could not open backing file: ${messageOf(e)}`);

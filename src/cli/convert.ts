@@ -2,6 +2,7 @@
 import { promises as fsp } from 'node:fs';
 import type { BlockDriver } from '../core/block-driver.js';
 import { FileIO } from '../io/file.js';
+import { isHttpUrl, urlProtocol } from '../io/http.js';
 import { ConvertFailure, convertImages, convertedSize } from '../ops/convert.js';
 import { checkCacheMode, parseSizeArg } from './common.js';
 import { CliError, HelpRequested, messageOf } from './errors.js';
@@ -201,6 +202,7 @@ async function convertTo(a: ConvertArgs, sources: BlockDriver[], dstArg: string,
   const outFormat = a.targetImageOpts ? resolveImageArg(dstArg, { imageOpts: true }).format ?? 'raw' : a.outFormat ?? 'raw';
   const dstFile = a.targetImageOpts ? resolveImageArg(dstArg, { imageOpts: true }).filename : dstArg;
   if (!KNOWN_FORMATS.has(outFormat)) throw new CliError(`Unknown file format '${outFormat}'`);
+  if (isHttpUrl(dstFile)) throw new CliError(`Protocol driver '${urlProtocol(dstFile)}' does not support image creation`);
   if (outFormat === 'qcow2' || outFormat === 'qcow') {
     for (const src of sources) {
       for (let d: BlockDriver | undefined = src; d; d = d.backing) {

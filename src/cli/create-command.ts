@@ -13,6 +13,7 @@ import {
   type CreateFormat,
 } from '../formats/qcow2/create-options.js';
 import { fileProvider } from '../io/file.js';
+import { isHttpUrl, urlProtocol } from '../io/http.js';
 import { createImage } from '../ops/create.js';
 import { QCOW_CREATE_HELP } from '../formats/qcow/create.js';
 import { CliError, HelpRequested, UsageError } from './errors.js';
@@ -116,6 +117,7 @@ export async function runCreate(argv: string[], io: Io = processIo()): Promise<n
   }
   if (operands.length < 1) throw new UsageError('Expecting image file name');
   const filename = operands[0]!;
+  if (isHttpUrl(filename)) throw new CliError(`${filename}: Protocol driver '${urlProtocol(filename)}' does not support image creation`);
   let size: bigint | undefined;
   if (operands.length >= 2) size = parseSizeArgument(operands[1]!, warn);
   if (operands.length > 2) throw new UsageError(`Unexpected argument: ${operands[2]}`);

@@ -4,6 +4,7 @@ import type { BlockDriver } from '../core/block-driver.js';
 import type { IOProvider } from '../core/byte-io.js';
 import { openImage } from '../block/open.js';
 import { fileProvider } from '../io/file.js';
+import { withHttp } from '../io/http.js';
 import { parseObjects } from '../nbd/objects.js';
 import { CliError, messageOf } from './errors.js';
 import { imageSpecFromOpts, type ImageSpec } from './image-opts.js';
@@ -25,9 +26,12 @@ export interface CliOpenOptions {
   secrets?: Map<string, Uint8Array>;
   /** The image's data will be read: an encrypted image needs its key (qemu-img's open check). */
   needKey?: boolean;
-  /** Files are opened through this provider (default: fileProvider). */
+  /** Files are opened through this provider (default: cliProvider). */
   provider?: IOProvider;
 }
+
+/** Local files, and http(s) URLs read-only (as qemu-img's curl driver): the CLI's source images. */
+export const cliProvider: IOProvider = withHttp(fileProvider);
 
 /** `--object` arguments → the secrets they define, by id. Other object types are accepted and unused. */
 export function secretsFromObjects(texts: string[]): Map<string, Uint8Array> | undefined {
@@ -68,7 +72,7 @@ export async function openForCli(arg: string, o: CliOpenOptions = {}): Promise<B
   let drv: BlockDriver;
   try {
     drv = await openImage(spec.filename, {
-      io: o.provider ?? fileProvider,
+      io: o.provider ?? cliProvider,
       readOnly: !o.writable,
       ...(spec.format !== undefined ? { format: spec.format } : {}),
       ...(o.noBacking ? { noBacking: true } : {}),

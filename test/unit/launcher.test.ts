@@ -24,6 +24,12 @@ describe('bin/qcowkit launcher', () => {
     expect(r.stderr).toMatch(/extra certs/i);
   });
 
+  it('keeps NODE_EXTRA_CA_CERTS when an argument is an https:// image (a private CA may sign it)', async () => {
+    const r = await run(CLI, ['info', 'https://127.0.0.1:9/none.qcow2'], { env });
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/extra certs/i);
+  });
+
   it('passes arguments with spaces and quotes through the shell unchanged', async () => {
     const r = await run(CLI, ['info', "/nonexistent dir/it's.qcow2"], { env });
     expect(r.code).toBe(1);
