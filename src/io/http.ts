@@ -292,7 +292,7 @@ export class HttpIO implements ByteIO {
     if (head.ok && head.headers.get('accept-ranges')?.trim().toLowerCase() === 'none') {
       throw new QcowError('ENOTSUP', `HTTP server does not support range requests (Accept-Ranges: none) for ${shown(this.name)}`);
     }
-    if (head.ok && len !== null && /^\d+$/.test(len.trim()) && !encoded) return Number(len.trim());
+    if (head.ok && len !== null && /^\d+$/.test(len.trim()) && !encoded) return this.checkedLength(len.trim());
     const res = await this.request('GET', '0-0');
     if (res.status === 200) {
       discard(res);
@@ -307,19 +307,17 @@ export class HttpIO implements ByteIO {
       discard(res);
       throw this.statusError(res, 'bytes=0-0');
     }
-    const body = new Uint8Array(await this.body(res));
-    this.stats.bytes += body.length;
+    this.stats.bytes += await this.bodyInto(res, new Uint8Array(1));
     const m = /^\s*bytes\s+\d+-\d+\/(\d+)\s*$/i.exec(res.headers.get('content-range') ?? '');
     if (!m) throw new QcowError('EIO', `HTTP server gave no length for ${shown(this.name)} (no Content-Length, no Content-Range total)`);
-    return Number(m[1]);
+    return this.checkedLength(m[1]!);
   }
 
-  private async body(res: Response): Promise<ArrayBuffer> {
-    try {
-      return await res.arrayBuffer();
-    } catch (e) {
-      throw this.networkError(e);
-    }
+  /** A length from the server, refused past what a file offset can be here. */
+  private checkedLength(text: string): number {
+    const n = Number(text);
+    if (!Number.isSafeInteger(n)) throw new QcowError('EIO', `HTTP server gave an impossible length (${text}) for ${shown(this.name)}`);
+    return n;
   }
 
   /** Bytes [start, end) by one range request; exactly end - start bytes or an error. */
@@ -340,12 +338,39 @@ export class HttpIO implements ByteIO {
       discard(res);
       throw new QcowError('EIO', `HTTP server sent 'Content-Range: ${cr}' for bytes=${range} of ${shown(this.name)}`);
     }
-    const body = new Uint8Array(await this.body(res));
-    this.stats.bytes += body.length;
-    if (body.length < end - start) {
-      throw new QcowError('EIO', `HTTP response too short for bytes=${range} of ${shown(this.name)}: ${body.length} of ${end - start} bytes`);
+    const want = end - start;
+    const body = new Uint8Array(want);
+    const got = await this.bodyInto(res, body);
+    this.stats.bytes += got;
+    if (got < want) {
+      throw new QcowError('EIO', `HTTP response too short for bytes=${range} of ${shown(this.name)}: ${got} of ${want} bytes`);
     }
-    return body.length === end - start ? body : body.subarray(0, end - start);
+    return body;
+  }
+
+  /**
+   * Read the body into `dst`, never more: a server that sends more than it was asked for (or
+   * without end) is cut off once `dst` is full. Returns the bytes received.
+   */
+  private async bodyInto(res: Response, dst: Uint8Array): Promise<number> {
+    if (!res.body) return 0;
+    const reader = res.body.getReader();
+    let got = 0;
+    try {
+      while (got < dst.length) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        const n = Math.min(value.length, dst.length - got);
+        dst.set(n === value.length ? value : value.subarray(0, n), got);
+        got += n;
+      }
+    } catch (e) {
+      throw this.networkError(e);
+    } finally {
+      if (got >= dst.length) reader.cancel().catch(() => {});
+      else reader.releaseLock();
+    }
+    return got;
   }
 }
 

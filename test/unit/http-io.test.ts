@@ -187,6 +187,40 @@ describe('library: openImage over HTTP', () => {
     expect(ignoring.hugeSent).toBeLessThan(HUGE / 4);
   });
 
+  it('cuts off a 206 that sends more than was asked (without end), and refuses an impossible length', async () => {
+    let sent = 0;
+    const server = http.createServer((req, res) => {
+      if (req.method === 'HEAD') {
+        res.writeHead(200, { 'Content-Length': req.url === '/absurd' ? '36028797018963968' : String(1 << 30) });
+        res.end();
+        return;
+      }
+      res.writeHead(206, { 'Content-Range': `bytes 0-4095/${1 << 30}` });
+      const chunk = Buffer.alloc(65536, 0x42);
+      const pump = () => {
+        while (sent < (256 << 20) && res.write(chunk)) sent += chunk.length;
+        if (sent < (256 << 20)) res.once('drain', pump);
+        else res.end();
+      };
+      res.on('close', () => res.removeAllListeners('drain'));
+      pump();
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    const url = `http://127.0.0.1:${(server.address() as { port: number }).port}`;
+    try {
+      const io = await HttpIO.open(`${url}/endless`);
+      const buf = new Uint8Array(4096);
+      expect(await io.read(buf, 0)).toBe(4096);
+      expect(buf.every((b) => b === 0x42)).toBe(true);
+      await new Promise((r) => setTimeout(r, 100));
+      expect(sent).toBeLessThan(64 << 20);
+      await expect(HttpIO.open(`${url}/absurd`)).rejects.toThrow(/impossible length/);
+    } finally {
+      server.closeAllConnections();
+      await new Promise((r) => server.close(r));
+    }
+  });
+
   it('reports a 404 as a one-line QcowError naming the status and the URL', async () => {
     const err = (await openImage(`${ranged.url}/missing.qcow2`, { io: httpProvider }).catch((e: unknown) => e)) as QcowError;
     expect(err).toBeInstanceOf(QcowError);
