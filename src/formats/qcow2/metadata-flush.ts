@@ -16,6 +16,16 @@ export async function durableBarrier(h: WriterHost): Promise<void> {
   await h.io.flush();
 }
 
+function concat(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
+}
+
 export async function flushDirtyMetadata(h: WriterHost, rc: Refcounts, tables: L2Tables): Promise<void> {
   const cache = h.l2cache;
   if (!rc.hasDirty && !cache.dirty.size && !tables.l1Dirty.size && !rc.hasPendingFrees) {
@@ -27,8 +37,17 @@ export async function flushDirtyMetadata(h: WriterHost, rc: Refcounts, tables: L
   await durableBarrier(h);
   await rc.writeTableEntries();
   // 2. L2 tables (data and refcounts of the clusters they point to are durable now)
+  // (adjacent slices, as a table written whole, go out as one write; the writes in parallel)
   const slices = [...cache.dirty].sort((a, b) => a - b);
-  for (const s of slices) await h.io.write(cache.peek(s)!, s);
+  const runs: Array<{ at: number; parts: Uint8Array[] }> = [];
+  for (const s of slices) {
+    const data = cache.peek(s)!;
+    const last = runs[runs.length - 1];
+    const end = last ? last.at + last.parts.reduce((n, p) => n + p.length, 0) : -1;
+    if (last && end === s) last.parts.push(data);
+    else runs.push({ at: s, parts: [data] });
+  }
+  await Promise.all(runs.map((r) => h.io.write(r.parts.length === 1 ? r.parts[0]! : concat(r.parts), r.at)));
   cache.dirty.clear();
   await durableBarrier(h);
   // 3. L1 entries pointing to the (now durable) L2 tables
