@@ -4,7 +4,8 @@ import { CompareFailure, compareImages } from '../ops/compare.js';
 import { checkCacheMode, qprint } from './common.js';
 import { CliError, HelpRequested, UsageError, messageOf } from './errors.js';
 import { getopt } from './getopt.js';
-import { closeAll, openForCli, secretsFromObjects } from './open.js';
+import { closeAll, secretsFromObjects } from './open.js';
+import { openChainForCli } from './toolbox-common.js';
 import type { Io } from './output.js';
 import { ProgressPrinter } from './progress.js';
 
@@ -75,8 +76,8 @@ export async function cmdCompare(argv: string[], io: Io): Promise<number> {
     try {
       const secrets = secretsFromObjects(objects);
       const common = { imageOpts, needKey: true, ...(secrets ? { secrets } : {}) };
-      a = await openForCli(name1, { ...common, ...(fmt1 !== undefined ? { format: fmt1 } : {}) });
-      b = await openForCli(name2, { ...common, ...(fmt2 !== undefined ? { format: fmt2 } : {}) });
+      a = await openChainForCli(name1, { ...common, ...(fmt1 !== undefined ? { format: fmt1 } : {}) });
+      b = await openChainForCli(name2, { ...common, ...(fmt2 !== undefined ? { format: fmt2 } : {}) });
     } catch (e) {
       throw new CliError(messageOf(e), 2);
     }

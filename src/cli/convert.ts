@@ -8,7 +8,8 @@ import { checkCacheMode, parseSizeArg } from './common.js';
 import { CliError, HelpRequested, messageOf } from './errors.js';
 import { getopt } from './getopt.js';
 import { parseQemuOpts } from './image-opts.js';
-import { closeAll, openForCli, resolveImageArg, secretsFromObjects } from './open.js';
+import { closeAll, resolveImageArg, secretsFromObjects } from './open.js';
+import { openChainForCli } from './toolbox-common.js';
 import type { Io } from './output.js';
 import { ProgressPrinter } from './progress.js';
 import { RawFileTarget } from './raw-target.js';
@@ -177,7 +178,7 @@ export async function cmdConvert(argv: string[], io: Io): Promise<number> {
   try {
     for (const s of srcArgs) {
       sources.push(
-        await openForCli(s, {
+        await openChainForCli(s, {
           imageOpts: a.imageOpts,
           needKey: true,
           ...(secrets ? { secrets } : {}),

@@ -3,7 +3,8 @@ import { mapImage, type MapEntry } from '../ops/map.js';
 import { CliError, HelpRequested, UsageError } from './errors.js';
 import { getopt } from './getopt.js';
 import { parseOutputFormat, parseSizeArg, type OutputFormat } from './common.js';
-import { openForCli, secretsFromObjects } from './open.js';
+import { secretsFromObjects } from './open.js';
+import { openChainForCli } from './toolbox-common.js';
 import type { Io } from './output.js';
 
 const hex = (n: number) => (n === 0 ? '0' : `0x${n.toString(16)}`);
@@ -76,7 +77,7 @@ export async function cmdMap(argv: string[], io: Io): Promise<number> {
   const output: OutputFormat = parseOutputFormat(outputArg);
   if (imageOpts && format !== undefined) throw new CliError('--image-opts and --format are mutually exclusive');
   const secrets = secretsFromObjects(objects);
-  const drv = await openForCli(operands[0]!, {
+  const drv = await openChainForCli(operands[0]!, {
     imageOpts,
     needKey: true,
     ...(format !== undefined ? { format } : {}),

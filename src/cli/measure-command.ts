@@ -15,7 +15,8 @@ import { parseOutputFormat } from './common.js';
 import { parseSnapshotParam } from './convert.js';
 import { CliError, HelpRequested, messageOf } from './errors.js';
 import { getopt } from './getopt.js';
-import { closeAll, openForCli, secretsFromObjects } from './open.js';
+import { closeAll, secretsFromObjects } from './open.js';
+import { openChainForCli } from './toolbox-common.js';
 import { parseEncryptCreateChoice, resolveEncryptCreate } from '../formats/crypto/options.js';
 import { checkLuksKeyMaterial, luksHeaderLength } from '../formats/crypto/luks.js';
 import type { Io } from './output.js';
@@ -136,7 +137,7 @@ export async function cmdMeasure(argv: string[], io: Io): Promise<number> {
   let src: BlockDriver | undefined;
   try {
     if (file !== undefined) {
-      src = await openForCli(file, {
+      src = await openChainForCli(file, {
         imageOpts,
         ...(format !== undefined ? { format } : {}),
         ...(snapshot ? { snapshot } : {}),

@@ -9,12 +9,13 @@ import type { IOProvider } from '../core/byte-io.js';
 import { QcowError } from '../core/errors.js';
 import { openImage } from '../block/open.js';
 import { Qcow2Driver } from '../formats/qcow2/driver.js';
+import { QcowDriver } from '../formats/qcow/driver.js';
 import { KEY_SECRET_REQUIRED } from '../formats/crypto/qcow2.js';
 import { fileProvider } from '../io/file.js';
 import { CliError, messageOf } from './errors.js';
 import { parseQemuSize } from './common.js';
 import { parseQemuOpts } from './image-opts.js';
-import { openForCli, resolveImageArg, type CliOpenOptions } from './open.js';
+import { cliProvider, openForCli, resolveImageArg, type CliOpenOptions } from './open.js';
 import type { Io } from './output.js';
 
 /** What qemu-img prints when it opens a raw image for writing without `-f raw`. */
@@ -121,12 +122,19 @@ export async function openChainMemberWritable(
  * of its backing chain): `errPrefix` + `Parameter 'encrypt.key-secret' is required for cipher`.
  */
 export async function requireKeys(drv: BlockDriver, errPrefix: string): Promise<void> {
-  if (drv instanceof Qcow2Driver && drv.info().encrypted && !drv.cipher) throw new CliError(errPrefix + KEY_SECRET_REQUIRED);
+  if (isLocked(drv)) throw new CliError(errPrefix + KEY_SECRET_REQUIRED);
   await unlockBackingChain(drv, new Map(), undefined, errPrefix);
 }
 
+/** An encrypted image (qcow2 LUKS or AES, qcow v1 AES) opened without its key. */
+function isLocked(d: BlockDriver): boolean {
+  if (d instanceof Qcow2Driver) return d.info().encrypted === true && !d.cipher;
+  if (d instanceof QcowDriver) return d.locked;
+  return false;
+}
+
 /**
- * Reopen each encrypted (qcow2) backing image with its key (`keys`: secret id by depth); refuse a
+ * Reopen each encrypted (qcow2 or qcow) backing image with its key (`keys`: secret id by depth); refuse a
  * missing key as QEMU does (`errPrefix` + one `Could not open backing file: ` per level).
  */
 async function unlockBackingChain(
@@ -134,14 +142,14 @@ async function unlockBackingChain(
   keys: Map<number, string>,
   secrets: Map<string, Uint8Array> | undefined,
   errPrefix: string,
-  provider: IOProvider = fileProvider,
+  provider: IOProvider = cliProvider,
 ): Promise<void> {
   let parent = top;
-  for (let depth = 1; parent instanceof Qcow2Driver && parent.backing; depth++) {
-    const b = parent.backing;
+  for (let depth = 1; (parent instanceof Qcow2Driver || parent instanceof QcowDriver) && parent.backing; depth++) {
+    const b: BlockDriver = parent.backing;
     const prefix = errPrefix + 'Could not open backing file: '.repeat(depth);
     const keySecret = keys.get(depth);
-    if (b instanceof Qcow2Driver && b.info().encrypted && !b.cipher) {
+    if (isLocked(b)) {
       if (keySecret === undefined) throw new CliError(prefix + KEY_SECRET_REQUIRED);
       let nb: BlockDriver;
       try {

@@ -55,6 +55,11 @@ async function buildFixture(dir: string): Promise<void> {
   await qio(['-c', 'write -P 0x66 0 1M', f('u.qcow2')]);
   await qemuCreateEncrypted(f('etop.qcow2'), '64M', 'encrypt.format=luks,backing_file=u.qcow2,backing_fmt=qcow2');
   await io(f('etop.qcow2'), '', ['write -P 0x77 512k 100k']);
+  // a qcow (v1) image with legacy AES under a plain qcow2 overlay
+  await must(qemuImg(['create', '-q', '-f', 'qcow', ...sec, '-o', 'encrypt.format=aes,encrypt.key-secret=sec0', f('aes.qcow'), '16M']));
+  await qio([...sec, '--image-opts', `driver=qcow,file.filename=${f('aes.qcow')},encrypt.key-secret=sec0`, '-c', 'write -P 0x88 64k 192k']);
+  await must(qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'aes.qcow', '-F', 'qcow', f('onaes.qcow2')]));
+  await qio([...sec, '--image-opts', `driver=qcow2,file.filename=${f('onaes.qcow2')}${BK}`, '-c', 'write -P 0x99 128k 4k']);
 }
 
 beforeAll(async () => {
@@ -194,6 +199,23 @@ describe('bitmap', () => {
   it('--add with the key', () => twin(['bitmap', ...SEC, '--add', '-g', '128k', '--image-opts', IO('enc.qcow2'), 'bm'], 0));
   it('--add refuses without the key', () => twin(['bitmap', '--add', 'enc.qcow2', 'bm'], 1));
   it('--merge from an encrypted source cannot get its key', () => twin(['bitmap', '--merge', 'x', '-b', 'enc.qcow2', 'u.qcow2', 'bm'], 1));
+});
+
+describe('convert, compare, map, measure: encrypted backing files need their keys too', () => {
+  const PLAIN_BK = `driver=qcow2,file.filename=plain.qcow2${BK}`;
+  const AES_BK = `driver=qcow2,file.filename=onaes.qcow2${BK}`;
+  it('convert with backing.encrypt.key-secret (LUKS backing)', () => twin(['convert', ...SEC, '-O', 'raw', '--image-opts', PLAIN_BK, 'out.raw'], 0));
+  it('convert with backing.encrypt.key-secret (qcow v1 AES backing)', () => twin(['convert', ...SEC, '-O', 'raw', '--image-opts', AES_BK, 'out.raw'], 0));
+  it('convert two levels down', () =>
+    twin(['convert', ...SEC, '-O', 'raw', '--image-opts', 'driver=qcow2,file.filename=plain2.qcow2,backing.backing.encrypt.key-secret=sec0', 'out.raw'], 0));
+  it('convert refuses an encrypted backing file without its key', () => twin(['convert', '-O', 'raw', 'plain.qcow2', 'out.raw'], 1));
+  it('convert refuses a qcow v1 AES backing file without its key', () => twin(['convert', '-O', 'raw', 'onaes.qcow2', 'out.raw'], 1));
+  it('compare with the backing keys', () => twin(['compare', ...SEC, '--image-opts', PLAIN_BK, AES_BK], 1));
+  it('compare refuses without them (exit 2)', () => twin(['compare', 'plain.qcow2', 'onaes.qcow2'], 2));
+  it('map with the backing key', () => twin(['map', '--output=json', ...SEC, '--image-opts', AES_BK], 0));
+  it('map refuses without it', () => twin(['map', 'onaes.qcow2'], 1));
+  it('measure with the backing key', () => twin(['measure', '-O', 'qcow2', ...SEC, '--image-opts', PLAIN_BK], 0));
+  it('measure refuses without it', () => twin(['measure', '-O', 'qcow2', 'plain.qcow2'], 1));
 });
 
 describe('dd', () => {

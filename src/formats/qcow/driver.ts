@@ -158,6 +158,11 @@ export class QcowDriver implements BlockDriver {
     return this.g.cryptMethod !== QCOW_CRYPT_NONE;
   }
 
+  /** Encrypted and opened without its key: data cannot be read. */
+  get locked(): boolean {
+    return this.encrypted && !this.cipher;
+  }
+
   // ----------------------------------------------------------------------------------------------
   // Mapping
 
