@@ -14,6 +14,12 @@ import { sparseRuns } from './sparse-scan.js';
 export interface ConvertTarget {
   /** Whether never-written ranges read as zeros (a new file): then zero ranges are skipped. */
   readonly zeroInit: boolean;
+  /**
+   * Hand writes over in guest order (each task's after the previous task's). An image target
+   * allocates clusters in the order writes arrive: in order, its layout is qemu-img's, which
+   * writes in order. The writes themselves still run concurrently.
+   */
+  readonly ordered?: boolean;
   write(offset: number, data: Uint8Array): Promise<void>;
   /** Make the range read as zeros (may deallocate). */
   writeZeroes(offset: number, length: number): Promise<void>;
@@ -22,9 +28,22 @@ export interface ConvertTarget {
 
 /** A BlockDriver (opened writable, already of the right size) as a convert target. */
 export function driverTarget(drv: BlockDriver, zeroInit: boolean): ConvertTarget {
+  // A write crossing an L2 table is planned table by table, each after the previous one's data:
+  // cut there, so that all of a task's pieces queue for allocation before the next task's.
+  const table = (drv as { g?: { l1Coverage?: number } }).g?.l1Coverage;
   return {
     zeroInit,
-    write: (offset, data) => drv.write(offset, data),
+    ordered: true,
+    write: (offset, data) => {
+      if (!table || Math.floor(offset / table) === Math.floor((offset + data.length - 1) / table)) return drv.write(offset, data);
+      const pieces: Promise<void>[] = [];
+      for (let o = 0; o < data.length; ) {
+        const n = Math.min(data.length - o, table - ((offset + o) % table));
+        pieces.push(drv.write(offset + o, data.subarray(o, o + n)));
+        o += n;
+      }
+      return Promise.all(pieces).then(() => undefined);
+    },
     writeZeroes: (offset, length) => drv.writeZeroes(offset, length, { mayUnmap: true }),
     flush: () => drv.flush(),
   };
@@ -147,6 +166,7 @@ export async function convertImages(sources: readonly BlockDriver[], target: Con
   const tasks = plan(sources, readSize, chunkSize, minSparse === 0 ? chunkSize : Infinity);
   let seq = 0;
   let failed = false;
+  const gate = target.ordered ? new TurnGate() : undefined;
   const worker = async () => {
     let buf: Uint8Array | undefined;
     for (;;) {
@@ -155,23 +175,32 @@ export async function convertImages(sources: readonly BlockDriver[], target: Con
       if (step.done) return;
       const t = step.value;
       const id = seq++;
-      if (!t.data) {
-        if (!skipZero) await guardedWrite(t.to, () => target.writeZeroes(t.to, t.length));
-        inOrder.complete(id, minSparse === 0 ? [t.length] : []);
-        continue;
-      }
-      buf ??= allocIoBuffer(readSize);
-      const chunk = buf.subarray(0, t.length);
-      const readable = Math.min(t.length, t.src.size - t.from);
+      // Every task passes the gate (also when it fails), so that the next one is never held.
+      let writes: Promise<unknown> | undefined;
       try {
-        await t.src.readInto(readable === t.length ? chunk : chunk.subarray(0, readable), t.from);
-      } catch (e) {
-        throw new ConvertFailure('read', `error while reading at byte ${t.to}: ${why(e)}`);
+        if (!t.data) {
+          await gate?.turn(id);
+          if (!skipZero) writes = guardedWrite(t.to, () => target.writeZeroes(t.to, t.length));
+        } else {
+          buf ??= allocIoBuffer(readSize);
+          const chunk = buf.subarray(0, t.length);
+          const readable = Math.min(t.length, t.src.size - t.from);
+          try {
+            await t.src.readInto(readable === t.length ? chunk : chunk.subarray(0, readable), t.from);
+          } catch (e) {
+            throw new ConvertFailure('read', `error while reading at byte ${t.to}: ${why(e)}`);
+          }
+          if (readable < t.length) chunk.fill(0, readable);
+          await gate?.turn(id);
+          writes = writeChunk(target, chunk, t.to, t.unit, minSparse, skipZero);
+        }
+      } finally {
+        gate?.pass(id);
       }
-      if (readable < t.length) chunk.fill(0, readable);
+      await writes;
       const parts: number[] = [];
-      for (let o = 0; o < t.length; o += t.unit) parts.push(Math.min(t.unit, t.length - o));
-      await writeChunk(target, chunk, t.to, t.unit, minSparse, skipZero);
+      if (t.data) for (let o = 0; o < t.length; o += t.unit) parts.push(Math.min(t.unit, t.length - o));
+      else if (minSparse === 0) parts.push(t.length);
       inOrder.complete(id, parts);
     }
   };
@@ -219,16 +248,17 @@ class InOrderProgress {
  * are found unit by unit (qemu-img's requests: where holes fall depends on them), then adjacent
  * runs of the same kind go out as one request.
  */
-async function writeChunk(target: ConvertTarget, chunk: Uint8Array, to: number, unit: number, minSparse: number, skipZero: boolean): Promise<void> {
+function writeChunk(target: ConvertTarget, chunk: Uint8Array, to: number, unit: number, minSparse: number, skipZero: boolean): Promise<unknown> {
+  const writes: Promise<void>[] = [];
   let runStart = 0;
   let runEnd = 0;
   let runData = false;
-  const flush = async () => {
+  const issue = () => {
     if (runEnd === runStart) return;
     const a = runStart;
     const b = runEnd;
-    if (runData) await guardedWrite(to + a, () => target.write(to + a, chunk.subarray(a, b)));
-    else if (!skipZero) await guardedWrite(to + a, () => target.writeZeroes(to + a, b - a));
+    if (runData) writes.push(guardedWrite(to + a, () => target.write(to + a, chunk.subarray(a, b))));
+    else if (!skipZero) writes.push(guardedWrite(to + a, () => target.writeZeroes(to + a, b - a)));
   };
   for (let o = 0; o < chunk.length; o += unit) {
     const part = chunk.subarray(o, Math.min(chunk.length, o + unit));
@@ -240,13 +270,43 @@ async function writeChunk(target: ConvertTarget, chunk: Uint8Array, to: number, 
         runEnd = b;
         continue;
       }
-      await flush();
+      issue();
       runStart = a;
       runEnd = b;
       runData = r.data;
     }
   }
-  await flush();
+  issue();
+  return Promise.all(writes);
+}
+
+/**
+ * Tasks take turns in the order of their ids (0, 1, 2, ...). A task that gives up its turn
+ * early (it failed before it came) is passed over when its turn comes.
+ */
+class TurnGate {
+  private next = 0;
+  private readonly waiting = new Map<number, () => void>();
+  private readonly passedEarly = new Set<number>();
+
+  turn(id: number): Promise<void> | undefined {
+    if (id === this.next) return undefined;
+    return new Promise((resolve) => this.waiting.set(id, resolve));
+  }
+
+  pass(id: number): void {
+    if (id !== this.next) {
+      if (id > this.next) this.passedEarly.add(id);
+      return;
+    }
+    this.next = id + 1;
+    while (this.passedEarly.delete(this.next)) this.next++;
+    const w = this.waiting.get(this.next);
+    if (w) {
+      this.waiting.delete(this.next);
+      w();
+    }
+  }
 }
 
 async function guardedWrite(at: number, fn: () => Promise<void>): Promise<void> {

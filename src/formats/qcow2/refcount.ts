@@ -172,17 +172,21 @@ export class Refcounts {
     if (v === 0 && cluster < this.freeHint) this.freeHint = cluster;
   }
 
-  /** Create the refcount block for reftable index `rt`, placed so it is itself refcounted. */
-  private async createBlock(rt: number): Promise<void> {
+  /**
+   * Create the refcount block for reftable index `rt`, placed so it is itself refcounted: in the
+   * first free cluster (at or after `after` when given — QEMU puts the block a run of new clusters
+   * needs right after that run).
+   */
+  private async createBlock(rt: number, after?: number): Promise<void> {
     if (rt >= this.table.length) await this.growTable(rt + 1);
     for (;;) {
       // Growing the table (or a nested call) may already have given this range its block.
       if (this.table[rt]) return;
-      const c = await this.findFree(1, this.freeHint);
+      const c = await this.findFree(1, after === undefined ? this.freeHint : Math.max(after, this.freeHint));
       const selfRt = Math.floor(c / this.entriesPerBlock);
       if (selfRt !== rt && !this.table[selfRt]) {
         // The free cluster lies in a range that has no block either: give that range its block first.
-        await this.createBlock(selfRt);
+        await this.createBlock(selfRt, after);
         continue;
       }
       const off = c * this.cs;
@@ -230,17 +234,18 @@ export class Refcounts {
 
   /**
    * Allocate `n` contiguous clusters (refcount 1 each). Returns the host byte offset. Refcount
-   * blocks needed for them are created first, so they never land inside the returned run.
+   * blocks needed for them are created first, after the run (as QEMU places them), so they never
+   * land inside it.
    */
   async allocate(n: number): Promise<number> {
     for (;;) {
       const start = await this.findFree(n, this.freeHint);
-      // Make sure every refcount block covering the run exists; creating one may take a cluster
-      // of the run, in which case search again.
+      // Make sure every refcount block covering the run exists; creating one (or growing the
+      // table) may still take a cluster of the run, in which case search again.
       let moved = false;
       for (let rt = Math.floor(start / this.entriesPerBlock); rt <= Math.floor((start + n - 1) / this.entriesPerBlock); rt++) {
         if (rt >= this.table.length || !this.table[rt]) {
-          await this.createBlock(rt);
+          await this.createBlock(rt, start + n);
           moved = true;
         }
       }

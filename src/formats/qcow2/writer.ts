@@ -63,6 +63,8 @@ interface RunPlan {
   from: number;
   to: number;
   olds: Entry[];
+  /** New clusters: bytes of the run before `buf` starts (extended L2: unallocated leading subclusters are not written). */
+  skip?: number;
 }
 
 export class Qcow2Writer {
@@ -167,7 +169,8 @@ export class Qcow2Writer {
       const { plan, done } = await this.planWrite(offset + pos, data.subarray(pos));
       let failure: unknown;
       try {
-        await this.writeData(plan.buf, plan.host, plan.guest);
+        const skip = plan.skip ?? 0;
+        await this.writeData(plan.buf, plan.host + skip, plan.guest + skip);
       } catch (e) {
         failure = e;
       }
@@ -206,7 +209,8 @@ export class Qcow2Writer {
   /** Write a prefix of `data` that stays within one L2 table, caller holding the lock; returns bytes written. */
   private async writeRun(offset: number, data: Uint8Array): Promise<number> {
     const plan = await this.planRun(offset, data);
-    await this.writeData(plan.buf, plan.host, plan.guest);
+    const skip = plan.skip ?? 0;
+    await this.writeData(plan.buf, plan.host + skip, plan.guest + skip);
     await this.commitRun(plan);
     return plan.consumed;
   }
@@ -263,8 +267,20 @@ export class Qcow2Writer {
       }
       buf.set(data.subarray(0, end - offset), offset - runStart);
     }
+    // Extended L2: like QEMU, leave out the subclusters at either end of the run that stay
+    // unallocated (in a last cluster, the file then ends where its data does).
+    let skip = 0;
+    if (g.extendedL2 && buf.length === n * cs) {
+      const sc = g.subclusterSize;
+      const first = this.newBitmap(olds[0]!, runStart, offset, end).alloc;
+      const last = n === 1 ? first : this.newBitmap(olds[n - 1]!, runStart + (n - 1) * cs, offset, end).alloc;
+      if (first && last) {
+        skip = (31 - Math.clz32(first & -first)) * sc;
+        buf = buf.subarray(skip, (n - 1) * cs + (32 - Math.clz32(last)) * sc);
+      }
+    }
     const host = this.dataFile ? runStart : await this.refcounts.allocate(n);
-    return { consumed: end - offset, buf, host, guest: runStart, l2, idx0, firstCluster, n, inPlace: false, from: offset, to: end, olds };
+    return { consumed: end - offset, buf, host, guest: runStart, l2, idx0, firstCluster, n, inPlace: false, from: offset, to: end, olds, skip };
   }
 
   /** Phase 3 of a write (data is written): point the L2 entries at it. */
