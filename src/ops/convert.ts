@@ -20,6 +20,8 @@ export interface ConvertTarget {
    * writes in order. The writes themselves still run concurrently.
    */
   readonly ordered?: boolean;
+  /** With `ordered`: the target's allocation unit (cluster); writes sharing one go one after the other. */
+  readonly unit?: number;
   write(offset: number, data: Uint8Array): Promise<void>;
   /** Make the range read as zeros (may deallocate). */
   writeZeroes(offset: number, length: number): Promise<void>;
@@ -31,9 +33,11 @@ export function driverTarget(drv: BlockDriver, zeroInit: boolean): ConvertTarget
   // A write crossing an L2 table is planned table by table, each after the previous one's data:
   // cut there, so that all of a task's pieces queue for allocation before the next task's.
   const table = (drv as { g?: { l1Coverage?: number } }).g?.l1Coverage;
+  const cluster = drv.info().clusterSize;
   return {
     zeroInit,
     ordered: true,
+    ...(cluster ? { unit: cluster } : {}),
     write: (offset, data) => {
       if (!table || Math.floor(offset / table) === Math.floor((offset + data.length - 1) / table)) return drv.write(offset, data);
       const pieces: Promise<void>[] = [];
@@ -192,7 +196,7 @@ export async function convertImages(sources: readonly BlockDriver[], target: Con
           }
           if (readable < t.length) chunk.fill(0, readable);
           await gate?.turn(id);
-          writes = writeChunk(target, chunk, t.to, t.unit, minSparse, skipZero);
+          writes = (await writeChunk(target, chunk, t.to, t.unit, minSparse, skipZero)).done;
         }
       } finally {
         gate?.pass(id);
@@ -248,17 +252,34 @@ class InOrderProgress {
  * are found unit by unit (qemu-img's requests: where holes fall depends on them), then adjacent
  * runs of the same kind go out as one request.
  */
-function writeChunk(target: ConvertTarget, chunk: Uint8Array, to: number, unit: number, minSparse: number, skipZero: boolean): Promise<unknown> {
+async function writeChunk(
+  target: ConvertTarget,
+  chunk: Uint8Array,
+  to: number,
+  unit: number,
+  minSparse: number,
+  skipZero: boolean,
+): Promise<{ done: Promise<unknown> }> {
   const writes: Promise<void>[] = [];
+  // An ordered target's writes that share an allocation unit go one after the other (the image
+  // would otherwise let later requests allocate first while the second waits for the first).
+  const au = target.ordered ? target.unit : undefined;
+  let lastUnit = -1;
   let runStart = 0;
   let runEnd = 0;
   let runData = false;
-  const issue = () => {
+  const issue = async () => {
     if (runEnd === runStart) return;
     const a = runStart;
     const b = runEnd;
-    if (runData) writes.push(guardedWrite(to + a, () => target.write(to + a, chunk.subarray(a, b))));
-    else if (!skipZero) writes.push(guardedWrite(to + a, () => target.writeZeroes(to + a, b - a)));
+    if (!runData && skipZero) return;
+    if (au) {
+      if (Math.floor((to + a) / au) === lastUnit && writes.length) await writes[writes.length - 1]!.catch(() => undefined);
+      lastUnit = Math.floor((to + b - 1) / au);
+    }
+    const w = runData ? guardedWrite(to + a, () => target.write(to + a, chunk.subarray(a, b))) : guardedWrite(to + a, () => target.writeZeroes(to + a, b - a));
+    w.catch(() => undefined); // reported through `done`; not unhandled while later ones are issued
+    writes.push(w);
   };
   for (let o = 0; o < chunk.length; o += unit) {
     const part = chunk.subarray(o, Math.min(chunk.length, o + unit));
@@ -270,14 +291,14 @@ function writeChunk(target: ConvertTarget, chunk: Uint8Array, to: number, unit: 
         runEnd = b;
         continue;
       }
-      issue();
+      await issue();
       runStart = a;
       runEnd = b;
       runData = r.data;
     }
   }
-  issue();
-  return Promise.all(writes);
+  await issue();
+  return { done: Promise.all(writes) };
 }
 
 /**

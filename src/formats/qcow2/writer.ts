@@ -158,26 +158,37 @@ export class Qcow2Writer {
   // ---- writes ---------------------------------------------------------------------------
 
   /**
-   * Write guest data. Each run (within one L2 table) is planned under the metadata lock (host
-   * clusters chosen, copy-on-write done), its data written without the lock so that concurrent
-   * requests overlap, then its L2 entries updated under the lock again. Data is thus written
-   * before anything points to it; clusters of a run in flight are off limits to other requests.
+   * Write guest data. The runs of each piece (within one L2 table: clusters written in place,
+   * clusters that need new host clusters) are planned together under the metadata lock (host
+   * clusters chosen, copy-on-write done) — so they are allocated before any later request's, as
+   * QEMU does — their data written without the lock so that concurrent requests overlap, then
+   * their L2 entries updated under the lock again. Data is thus written before anything points
+   * to it; clusters of runs in flight are off limits to other requests.
    */
   async write(offset: number, data: Uint8Array): Promise<void> {
     let pos = 0;
     while (pos < data.length) {
-      const { plan, done } = await this.planWrite(offset + pos, data.subarray(pos));
+      const { plan: plans, done } = await this.planWrite(offset + pos, data.subarray(pos));
+      const written = await Promise.allSettled(
+        plans.map((p) => {
+          const skip = p.skip ?? 0;
+          return this.writeData(p.buf, p.host + skip, p.guest + skip);
+        }),
+      );
       let failure: unknown;
-      try {
-        const skip = plan.skip ?? 0;
-        await this.writeData(plan.buf, plan.host + skip, plan.guest + skip);
-      } catch (e) {
-        failure = e;
-      }
       const release = await this.requests.acquire();
       try {
-        if (failure === undefined) await this.commitRun(plan);
-        else if (!plan.inPlace && !this.dataFile) this.refcounts.free(plan.host / this.cs, plan.n);
+        for (let k = 0; k < plans.length; k++) {
+          const plan = plans[k]!;
+          const w = written[k]!;
+          if (w.status === 'fulfilled' && failure === undefined) await this.commitRun(plan);
+          else {
+            if (w.status === 'rejected') failure ??= w.reason;
+            if (!plan.inPlace && !this.dataFile) this.refcounts.free(plan.host / this.cs, plan.n);
+          }
+        }
+      } catch (e) {
+        failure ??= e;
       } finally {
         done();
         try {
@@ -187,22 +198,29 @@ export class Qcow2Writer {
         }
       }
       if (failure !== undefined) throw failure;
-      pos += plan.consumed;
+      for (const p of plans) pos += p.consumed;
     }
   }
 
-  /** Phase 1 of a write: wait for a free path, then plan one run and register it in flight. */
-  private planWrite(offset: number, data: Uint8Array): Promise<{ plan: RunPlan; done: () => void }> {
+  /** Phase 1 of a write: wait for a free path, then plan the runs of one piece and register them in flight. */
+  private planWrite(offset: number, data: Uint8Array): Promise<{ plan: RunPlan[]; done: () => void }> {
     const { g } = this.h;
     const cs = this.cs;
     const tableEnd = (Math.floor(offset / g.l1Coverage) + 1) * g.l1Coverage;
+    const limit = Math.min(data.length, tableEnd - offset, MAX_BATCH_BYTES);
     const first = Math.floor(offset / cs);
-    const end = Math.ceil((offset + Math.min(data.length, tableEnd - offset, MAX_BATCH_BYTES)) / cs);
+    const end = Math.ceil((offset + limit) / cs);
     return this.requests.reserve(first, end, async () => {
       await this.start();
-      const plan = await this.planRun(offset, data);
-      await this.h.onGuestWrite?.(offset, plan.consumed);
-      return { plan, first: plan.firstCluster, end: plan.firstCluster + plan.n };
+      const plans: RunPlan[] = [];
+      for (let pos = 0; pos < limit; ) {
+        const plan = await this.planRun(offset + pos, data.subarray(pos, limit));
+        await this.h.onGuestWrite?.(offset + pos, plan.consumed);
+        plans.push(plan);
+        pos += plan.consumed;
+      }
+      const last = plans[plans.length - 1]!;
+      return { plan: plans, first: plans[0]!.firstCluster, end: last.firstCluster + last.n };
     });
   }
 
