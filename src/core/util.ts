@@ -88,3 +88,14 @@ export function bytesEqual(a: Uint8Array, b: Uint8Array): boolean {
   for (; i < n; i++) if (a[i] !== b[i]) return false;
   return true;
 }
+
+/** The parts, one after the other, in a new array. */
+export function concatBytes(parts: readonly Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
+}

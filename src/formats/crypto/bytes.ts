@@ -50,16 +50,6 @@ export function constantTimeEqual(a: Uint8Array, b: Uint8Array): boolean {
   return d === 0;
 }
 
-export function concatBytes(...parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
-}
-
 /** Fill with zeros (key material no longer needed). */
 export function wipe(...bufs: Array<Uint8Array | undefined>): void {
   for (const b of bufs) b?.fill(0);

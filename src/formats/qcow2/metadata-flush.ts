@@ -6,6 +6,7 @@
  *  3. L1 entries pointing to the (now durable) L2 tables;
  *  4. refcount decrements for the references dropped in 2 and 3, once those are durable.
  */
+import { concatBytes } from '../../core/util.js';
 import type { L2Tables } from './l2-tables.js';
 import type { Refcounts } from './refcount.js';
 import type { WriterHost } from './writer.js';
@@ -14,16 +15,6 @@ import type { WriterHost } from './writer.js';
 export async function durableBarrier(h: WriterHost): Promise<void> {
   if (h.dataIO !== h.io) await h.dataIO.flush();
   await h.io.flush();
-}
-
-function concat(parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
 }
 
 export async function flushDirtyMetadata(h: WriterHost, rc: Refcounts, tables: L2Tables): Promise<void> {
@@ -47,7 +38,7 @@ export async function flushDirtyMetadata(h: WriterHost, rc: Refcounts, tables: L
     if (last && end === s) last.parts.push(data);
     else runs.push({ at: s, parts: [data] });
   }
-  await Promise.all(runs.map((r) => h.io.write(r.parts.length === 1 ? r.parts[0]! : concat(r.parts), r.at)));
+  await Promise.all(runs.map((r) => h.io.write(r.parts.length === 1 ? r.parts[0]! : concatBytes(r.parts), r.at)));
   cache.dirty.clear();
   await durableBarrier(h);
   // 3. L1 entries pointing to the (now durable) L2 tables
