@@ -21,6 +21,7 @@ import { AUTOCLEAR_BITMAPS } from './constants.js';
 import { Bitmaps } from './bitmaps.js';
 import { repairDirty } from './check.js';
 import { resizeQcow2Image } from './resize.js';
+import { moveActiveL1 } from './table-resize.js';
 
 export interface Qcow2OpenOptions extends OpenOptions {
   readOnly: boolean;
@@ -627,26 +628,11 @@ export class Qcow2Driver implements BlockDriver {
   async replaceActiveL1(entries: Uint8Array, newSize: number): Promise<void> {
     const w = this.writer!;
     const h = this.header;
-    const cs = this.g.clusterSize;
     const needed = Math.max(entries.length / 8, Math.ceil(newSize / this.g.l1Coverage));
     if (needed > h.l1Size) {
       const l1 = new Uint8Array(needed * 8);
       l1.set(entries);
-      const at = await w.refcounts.allocate(Math.ceil(l1.length / cs));
-      await w.refcounts.writeBlocks();
-      await this.rawWrite(l1, at);
-      await w.barrier();
-      await w.refcounts.writeTableEntries();
-      const b = new Uint8Array(12);
-      const dv = new DataView(b.buffer);
-      dv.setUint32(0, needed);
-      dv.setBigUint64(4, BigInt(at));
-      await this.rawWrite(b, 36);
-      await w.barrier();
-      if (h.l1Size) w.refcounts.free(h.l1TableOffset / cs, Math.ceil((h.l1Size * 8) / cs));
-      h.l1Size = needed;
-      h.l1TableOffset = at;
-      this.map.l1 = l1;
+      await moveActiveL1(w, l1);
     } else {
       const l1 = new Uint8Array(h.l1Size * 8);
       l1.set(entries);

@@ -23,6 +23,32 @@ export async function dropActiveState(w: Qcow2Writer): Promise<void> {
   w.host.l2cache.clear();
 }
 
+/**
+ * Make `l1` (the whole new table, larger than the current one) the active L1 table: written to
+ * fresh clusters and made durable (with the refcounts of those clusters) before the header points
+ * to it; then the old table's clusters are freed.
+ */
+export async function moveActiveL1(w: Qcow2Writer, l1: Uint8Array): Promise<void> {
+  const { header } = w.host;
+  const cs = w.host.g.clusterSize;
+  const at = await w.refcounts.allocate(Math.ceil(l1.length / cs));
+  await w.refcounts.writeBlocks();
+  await w.host.io.write(l1, at);
+  await w.barrier();
+  await w.refcounts.writeTableEntries();
+  const b = new Uint8Array(12);
+  const dv = new DataView(b.buffer);
+  dv.setUint32(0, l1.length / 8);
+  dv.setBigUint64(4, BigInt(at));
+  await w.host.io.write(b, 36);
+  await w.barrier();
+  const oldClusters = Math.ceil((header.l1Size * 8) / cs);
+  if (oldClusters) w.refcounts.free(header.l1TableOffset / cs, oldClusters);
+  header.l1Size = l1.length / 8;
+  header.l1TableOffset = at;
+  w.host.map.l1 = l1;
+}
+
 /** Returns the new L1 bytes when the table moved. */
 export async function resizeTables(w: Qcow2Writer, newSize: number): Promise<Uint8Array | undefined> {
   const { g, header } = w.host;
@@ -60,27 +86,9 @@ export async function resizeTables(w: Qcow2Writer, newSize: number): Promise<Uin
     await w.flushMetadata();
   } else if (needed > header.l1Size) {
     await w.flushMetadata();
-    const bytes = needed * 8;
-    const clusters = Math.ceil(bytes / cs);
-    const at = await w.refcounts.allocate(clusters);
-    newL1 = new Uint8Array(bytes);
+    newL1 = new Uint8Array(needed * 8);
     newL1.set(w.host.map.l1);
-    await w.refcounts.writeBlocks();
-    await w.host.io.write(newL1, at);
-    await w.barrier();
-    await w.refcounts.writeTableEntries();
-    const b = new Uint8Array(12);
-    const dv = new DataView(b.buffer);
-    dv.setUint32(0, needed);
-    dv.setBigUint64(4, BigInt(at));
-    const oldOffset = header.l1TableOffset;
-    const oldClusters = Math.ceil((header.l1Size * 8) / cs);
-    await w.host.io.write(b, 36);
-    await w.barrier();
-    header.l1Size = needed;
-    header.l1TableOffset = at;
-    w.host.map.l1 = newL1;
-    if (oldClusters) w.refcounts.free(oldOffset / cs, oldClusters);
+    await moveActiveL1(w, newL1);
   }
   const b = new Uint8Array(8);
   new DataView(b.buffer).setBigUint64(0, BigInt(newSize));
