@@ -87,7 +87,8 @@ export async function convertToImage(a: ImageConvertArgs, sources: BlockDriver[]
   let keySecret = a.targetKeySecret;
   try {
     if (!a.skipCreate) {
-      if (a.outFormat === 'qcow2') {
+      if (a.outFormat === 'qcow2' || a.createOpts.length) {
+        // qcow2, or qcow with -o (e.g. encrypt.format=aes): qemu-img's create, checks and messages.
         // qemu-img refuses -c with an encrypted target before creating it.
         if (a.compress && a.createOpts.some((t) => /(^|,)(encrypt\.format|encryption)=/.test(t))) {
           throw new CliError('Compression and encryption not supported at the same time');
@@ -95,25 +96,7 @@ export async function convertToImage(a: ImageConvertArgs, sources: BlockDriver[]
         const made = await createImage(
           {
             filename: a.dstFile,
-            format: 'qcow2',
-            size: BigInt(total),
-            options: a.createOpts,
-            ...(a.backing !== undefined ? { backingFile: a.backing } : {}),
-            ...(a.backingFormat !== undefined ? { backingFormat: a.backingFormat } : {}),
-            ...(a.secrets ? { secrets: a.secrets } : {}),
-          },
-          fileProvider,
-        );
-        if (made.keySecret !== undefined) keySecret = made.keySecret;
-      } else if (a.createOpts.length) {
-        // qcow with -o (e.g. encrypt.format=aes): qemu-img's create, its checks and messages.
-        if (a.compress && a.createOpts.some((t) => /(^|,)(encrypt\.format|encryption)=/.test(t))) {
-          throw new CliError('Compression and encryption not supported at the same time');
-        }
-        const made = await createImage(
-          {
-            filename: a.dstFile,
-            format: 'qcow',
+            format: a.outFormat,
             size: BigInt(total),
             options: a.createOpts,
             ...(a.backing !== undefined ? { backingFile: a.backing } : {}),

@@ -20,35 +20,56 @@ export interface ConvertTarget {
    * writes in order. The writes themselves still run concurrently.
    */
   readonly ordered?: boolean;
-  /** With `ordered`: the target's allocation unit (cluster); writes sharing one go one after the other. */
-  readonly unit?: number;
   write(offset: number, data: Uint8Array): Promise<void>;
   /** Make the range read as zeros (may deallocate). */
   writeZeroes(offset: number, length: number): Promise<void>;
   flush(): Promise<void>;
 }
 
-/** A BlockDriver (opened writable, already of the right size) as a convert target. */
+/**
+ * A BlockDriver (opened writable, already of the right size) as a convert target. Its writes are
+ * handed to the driver in the order they are made, each once the one before was handed over —
+ * or, when the two share a cluster, once the one before has completed (the driver would make the
+ * second wait for the first, and let later writes allocate meanwhile). A write crossing an L2
+ * table goes as one write per table (the driver plans those one after the other's data).
+ */
 export function driverTarget(drv: BlockDriver, zeroInit: boolean): ConvertTarget {
-  // A write crossing an L2 table is planned table by table, each after the previous one's data:
-  // cut there, so that all of a task's pieces queue for allocation before the next task's.
   const table = (drv as { g?: { l1Coverage?: number } }).g?.l1Coverage;
-  const cluster = drv.info().clusterSize;
+  const cluster = drv.info().clusterSize ?? 1;
+  let handedOver: Promise<unknown> = Promise.resolve();
+  let completed: Promise<unknown> = Promise.resolve();
+  let lastCluster = -1;
+  const inTurn = (offset: number, length: number, fn: () => Promise<void>): Promise<void> => {
+    const after = Math.floor(offset / cluster) === lastCluster ? completed : handedOver;
+    lastCluster = Math.floor((offset + length - 1) / cluster);
+    let handed!: () => void;
+    handedOver = new Promise<void>((r) => (handed = r));
+    // (neither `after` can reject: `completed` swallows the failure, which `done` reports)
+    const done = after.then(() => {
+      try {
+        return fn();
+      } finally {
+        handed();
+      }
+    });
+    completed = done.catch(() => undefined);
+    return done;
+  };
+  const write = (offset: number, data: Uint8Array): Promise<void> => {
+    if (!table || Math.floor(offset / table) === Math.floor((offset + data.length - 1) / table)) return drv.write(offset, data);
+    const pieces: Promise<void>[] = [];
+    for (let o = 0; o < data.length; ) {
+      const n = Math.min(data.length - o, table - ((offset + o) % table));
+      pieces.push(drv.write(offset + o, data.subarray(o, o + n)));
+      o += n;
+    }
+    return Promise.all(pieces).then(() => undefined);
+  };
   return {
     zeroInit,
     ordered: true,
-    ...(cluster ? { unit: cluster } : {}),
-    write: (offset, data) => {
-      if (!table || Math.floor(offset / table) === Math.floor((offset + data.length - 1) / table)) return drv.write(offset, data);
-      const pieces: Promise<void>[] = [];
-      for (let o = 0; o < data.length; ) {
-        const n = Math.min(data.length - o, table - ((offset + o) % table));
-        pieces.push(drv.write(offset + o, data.subarray(o, o + n)));
-        o += n;
-      }
-      return Promise.all(pieces).then(() => undefined);
-    },
-    writeZeroes: (offset, length) => drv.writeZeroes(offset, length, { mayUnmap: true }),
+    write: (offset, data) => inTurn(offset, data.length, () => write(offset, data)),
+    writeZeroes: (offset, length) => inTurn(offset, length, () => drv.writeZeroes(offset, length, { mayUnmap: true })),
     flush: () => drv.flush(),
   };
 }
@@ -196,7 +217,7 @@ export async function convertImages(sources: readonly BlockDriver[], target: Con
           }
           if (readable < t.length) chunk.fill(0, readable);
           await gate?.turn(id);
-          writes = (await writeChunk(target, chunk, t.to, t.unit, minSparse, skipZero)).done;
+          writes = writeChunk(target, chunk, t.to, t.unit, minSparse, skipZero);
         }
       } finally {
         gate?.pass(id);
@@ -252,34 +273,17 @@ class InOrderProgress {
  * are found unit by unit (qemu-img's requests: where holes fall depends on them), then adjacent
  * runs of the same kind go out as one request.
  */
-async function writeChunk(
-  target: ConvertTarget,
-  chunk: Uint8Array,
-  to: number,
-  unit: number,
-  minSparse: number,
-  skipZero: boolean,
-): Promise<{ done: Promise<unknown> }> {
+function writeChunk(target: ConvertTarget, chunk: Uint8Array, to: number, unit: number, minSparse: number, skipZero: boolean): Promise<unknown> {
   const writes: Promise<void>[] = [];
-  // An ordered target's writes that share an allocation unit go one after the other (the image
-  // would otherwise let later requests allocate first while the second waits for the first).
-  const au = target.ordered ? target.unit : undefined;
-  let lastUnit = -1;
   let runStart = 0;
   let runEnd = 0;
   let runData = false;
-  const issue = async () => {
+  const issue = () => {
     if (runEnd === runStart) return;
     const a = runStart;
     const b = runEnd;
-    if (!runData && skipZero) return;
-    if (au) {
-      if (Math.floor((to + a) / au) === lastUnit && writes.length) await writes[writes.length - 1]!.catch(() => undefined);
-      lastUnit = Math.floor((to + b - 1) / au);
-    }
-    const w = runData ? guardedWrite(to + a, () => target.write(to + a, chunk.subarray(a, b))) : guardedWrite(to + a, () => target.writeZeroes(to + a, b - a));
-    w.catch(() => undefined); // reported through `done`; not unhandled while later ones are issued
-    writes.push(w);
+    if (runData) writes.push(guardedWrite(to + a, () => target.write(to + a, chunk.subarray(a, b))));
+    else if (!skipZero) writes.push(guardedWrite(to + a, () => target.writeZeroes(to + a, b - a)));
   };
   for (let o = 0; o < chunk.length; o += unit) {
     const part = chunk.subarray(o, Math.min(chunk.length, o + unit));
@@ -291,14 +295,14 @@ async function writeChunk(
         runEnd = b;
         continue;
       }
-      await issue();
+      issue();
       runStart = a;
       runEnd = b;
       runData = r.data;
     }
   }
-  await issue();
-  return { done: Promise.all(writes) };
+  issue();
+  return Promise.all(writes);
 }
 
 /**
