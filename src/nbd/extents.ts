@@ -17,6 +17,8 @@ export interface ReadSegment {
   offset: number;
   length: number;
   hole: boolean;
+  /** Where a data segment lies plainly, in one piece, in one file (from block status). */
+  host?: { file: string; offset: number };
 }
 
 export function allocationFlags(e: Extent): number {
@@ -97,9 +99,13 @@ export function readSegments(extents: Extent[]): ReadSegment[] {
   const out: ReadSegment[] = [];
   for (const e of extents) {
     const hole = e.kind !== 'data' || e.zeroData === true;
+    const host = !hole && e.hostOffset !== undefined && e.file !== undefined ? { file: e.file, offset: e.hostOffset } : undefined;
     const last = out[out.length - 1];
-    if (last && last.hole === hole && last.offset + last.length === e.offset) last.length += e.length;
-    else out.push({ offset: e.offset, length: e.length, hole });
+    if (last && last.hole === hole && last.offset + last.length === e.offset) {
+      // still one host run only if this extent continues it in the same file
+      if (last.host && !(host && host.file === last.host.file && host.offset === last.host.offset + last.length)) delete last.host;
+      last.length += e.length;
+    } else out.push(host ? { offset: e.offset, length: e.length, hole, host } : { offset: e.offset, length: e.length, hole });
   }
   return out;
 }

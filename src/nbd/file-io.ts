@@ -13,6 +13,7 @@
 import { readSync } from 'node:fs';
 import type { ByteIO, IOProvider } from '../core/byte-io.js';
 import { FileIO, fileProvider } from '../io/file.js';
+import { registerReadOnlyFile, unregisterFile } from './zero-copy.js';
 
 /**
  * Largest read done synchronously. Larger reads (nbdcopy asks 256 KiB at a time) go to the thread
@@ -35,7 +36,12 @@ class ReadPolicy {
   slowReads = 0;
 
   useSync(length: number): boolean {
-    return length <= SYNC_MAX && (this.asyncUntil === 0 || Date.now() >= this.asyncUntil);
+    return length <= SYNC_MAX && this.cacheWarm();
+  }
+
+  /** No slow read lately: reads (and zero-copy sends) may run on the event loop. */
+  cacheWarm(): boolean {
+    return this.asyncUntil === 0 || Date.now() >= this.asyncUntil;
   }
 
   observe(length: number, ns: number): void {
@@ -58,6 +64,8 @@ class CacheFirstFileIO implements ByteIO {
     const io: ByteIO = inner;
     if (io.punchHole) this.punchHole = io.punchHole.bind(inner);
     if (io.allocate) this.allocate = io.allocate.bind(inner);
+    // Bytes of a file the server never writes may go to clients zero-copy.
+    if (inner.readOnly) registerReadOnlyFile(inner.name, inner.fd);
   }
 
   get name(): string {
@@ -96,6 +104,7 @@ class CacheFirstFileIO implements ByteIO {
     return this.inner.truncate(size);
   }
   close(): Promise<void> {
+    unregisterFile(this.inner.name, this.inner.fd);
     return this.inner.close();
   }
   dataRuns(offset: number, length: number) {

@@ -62,6 +62,10 @@ class Connection {
       if (e instanceof HardDisconnect) this.log(`Disconnecting client: ${e.message}`);
       else if (!(e instanceof ConnectionClosed) && !this.closed) this.log(`Disconnecting client: ${(e as Error).message}`);
     } finally {
+      const t = this.transmission;
+      if (t?.zeroCopyReplies) {
+        this.log(`${t.zeroCopyReplies} read replies (${t.zeroCopyBytes} bytes) sent zero-copy, ${t.zeroCopyWaited} finished by a thread waiting for the client`);
+      }
       await this.endStream(ch);
     }
   }

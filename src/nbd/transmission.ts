@@ -7,7 +7,10 @@
 import * as C from './constants.js';
 import { NbdError, toNbdError } from './export.js';
 import type { Channel, Negotiated } from './handshake.js';
+import type { ReadSegment } from './extents.js';
+import { sendFileReply } from './send-lane.js';
 import { Semaphore } from './sync.js';
+import { readOnlyFileFd, ZERO_COPY_MIN } from './zero-copy.js';
 import {
   blockStatusChunk,
   drained,
@@ -56,6 +59,11 @@ export class Transmission {
   private inFlight = 0;
   private idleWaiters: Array<() => void> = [];
   private stopping = false;
+  /** READ replies whose data went zero-copy, and their bytes (for -v). */
+  zeroCopyReplies = 0;
+  zeroCopyBytes = 0;
+  /** ...of which a pool thread finished, waiting for the client to read. */
+  zeroCopyWaited = 0;
 
   constructor(
     private readonly ch: Channel,
@@ -227,6 +235,7 @@ export class Transmission {
     const { offset, length, handle } = req;
     const stream = this.ch.stream;
     if (!this.neg.structured) {
+      if (length >= ZERO_COPY_MIN && (await this.zeroCopy(handle, false, offset, length))) return;
       // Header and data in one (reused) buffer, read into in place: one write.
       const msg = replyBuffers.take(16 + length);
       writeSimpleReplyHeader(msg, 0, handle);
@@ -239,6 +248,7 @@ export class Transmission {
       return;
     }
     if (req.flags & C.CMD_FLAG_DF) {
+      if (length >= ZERO_COPY_MIN && (await this.zeroCopy(handle, true, offset, length))) return;
       await this.sendData(handle, true, offset, length);
       return;
     }
@@ -246,7 +256,7 @@ export class Transmission {
     if (plan.length === 1) {
       const seg = plan[0]!;
       if (seg.hole) sendMessage(stream, [holeChunk(handle, true, seg.offset, seg.length)]);
-      else await this.sendData(handle, true, seg.offset, seg.length);
+      else if (!(length >= ZERO_COPY_MIN && (await this.zeroCopy(handle, true, offset, length, seg)))) await this.sendData(handle, true, seg.offset, seg.length);
       return;
     }
     // Read every data piece at once, then send the chunks in order: the one flagged DONE must
@@ -261,6 +271,31 @@ export class Transmission {
     await Promise.all(plan.map((seg, i) => (seg.hole ? undefined : exp.readInto(msgs[i]!.subarray(28), seg.offset))));
     // Hold this request's memory budget until its data has left.
     await Promise.all(msgs.map((m, i) => (plan[i]!.hole ? sendMessage(stream, [m]) : sendPooled(stream, m, replyBuffers))));
+  }
+
+  /**
+   * The whole range as one reply whose data the kernel sends from the file holding it
+   * (zero-copy.ts): possible when block status has it in one plain run of a read-only file.
+   * `chunk`: as one OFFSET_DATA chunk (structured), else a simple reply. False: not possible
+   * (nothing was sent).
+   */
+  private async zeroCopy(handle: Buffer, chunk: boolean, offset: number, length: number, seg?: ReadSegment): Promise<boolean> {
+    if (!seg) {
+      const plan = await this.neg.export.readPlan(offset, length);
+      if (plan.length !== 1 || plan[0]!.hole) return false;
+      seg = plan[0]!;
+    }
+    const fd = readOnlyFileFd(seg.host?.file);
+    if (fd === undefined || seg.offset !== offset || seg.length !== length) return false;
+    const header = Buffer.allocUnsafe(chunk ? 28 : 16);
+    if (chunk) writeDataChunkHeader(header, handle, true, offset, length);
+    else writeSimpleReplyHeader(header, 0, handle);
+    const sent = sendFileReply(this.ch.stream, header, fd, seg.host!.offset, length);
+    if (sent === false) return false;
+    if ((await sent) === 'pool') this.zeroCopyWaited++;
+    this.zeroCopyReplies++;
+    this.zeroCopyBytes += length;
+    return true;
   }
 
   /**

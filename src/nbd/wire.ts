@@ -5,6 +5,9 @@
  */
 import type { Duplex } from 'node:stream';
 import * as C from './constants.js';
+import { BATCH_MAX, batch, flushBatch, waitForLane } from './send-lane.js';
+
+export { flushBatch };
 
 /** The peer went away (end of stream, reset, or our own close). */
 export class ConnectionClosed extends Error {
@@ -127,33 +130,10 @@ export class StreamReader {
   }
 }
 
-/**
- * Streams corked until the end of this turn of the event loop: replies finished in the same turn
- * (several requests completing together) leave in one writev instead of one syscall each.
- */
-const corked = new WeakSet<Duplex>();
-/** Messages this large are not held back for a batch. */
-const BATCH_MAX = 64 * 1024;
-
-function batch(stream: Duplex): void {
-  if (corked.has(stream)) return;
-  corked.add(stream);
-  stream.cork();
-  setImmediate(() => {
-    // ...and does nothing (a later batch has its own cork and its own setImmediate).
-    if (corked.delete(stream)) stream.uncork();
-  });
-}
-
-/** Send what is batched now (before the socket changes hands, e.g. to TLS). */
-export function flushBatch(stream: Duplex): void {
-  if (!corked.delete(stream)) return;
-  stream.uncork(); // the pending setImmediate then finds the stream no longer in the set...
-}
-
 /** Write one message (several buffers) contiguously; false when the socket is gone. */
 export function sendMessage(stream: Duplex, parts: Uint8Array[]): boolean {
   if (stream.destroyed || stream.writableEnded) return false;
+  if (waitForLane(stream, () => sendMessage(stream, parts))) return true;
   batch(stream);
   for (const p of parts) if (p.length) stream.write(p);
   return true;
@@ -202,6 +182,7 @@ export class BufferPool {
 export function sendPooled(stream: Duplex, buf: Buffer, pool: BufferPool): Promise<void> {
   if (stream.destroyed || stream.writableEnded) return Promise.resolve();
   return new Promise((resolve) => {
+    if (waitForLane(stream, () => void sendPooled(stream, buf, pool).then(resolve))) return;
     // Small replies wait for the batch; a large one goes now (after what is batched), so the
     // client starts on it while the next ones are read.
     if (buf.length < BATCH_MAX) batch(stream);

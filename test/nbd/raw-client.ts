@@ -32,9 +32,10 @@ export class RawClient {
     sock.on('error', () => {});
   }
 
-  static connect(port: number): Promise<RawClient> {
+  /** Connect to a TCP port on 127.0.0.1, or to a Unix socket path. */
+  static connect(port: number | string): Promise<RawClient> {
     return new Promise((resolve, reject) => {
-      const s = net.connect(port, '127.0.0.1');
+      const s = typeof port === 'string' ? net.connect(port) : net.connect(port, '127.0.0.1');
       s.once('connect', () => resolve(new RawClient(s)));
       s.once('error', reject);
     });
