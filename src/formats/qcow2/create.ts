@@ -16,6 +16,7 @@ import { writeZeroRange, type ByteIO } from '../../core/byte-io.js';
 import { QcowError } from '../../core/errors.js';
 import * as C from './constants.js';
 import { encodeHeader, type Qcow2Header } from './header.js';
+import { planRefcountArea } from './refcount-area.js';
 import type { Qcow2CreateParams } from './create-options.js';
 
 export type { Qcow2CreateParams } from './create-options.js';
@@ -237,52 +238,19 @@ class AllocModel {
     return false;
   }
 
-  /** Refcount blocks + refcount table needed to describe `clusters` clusters (fixed point). */
-  metaBlocks(clusters: number, generous: boolean): number {
-    const perTable = this.cs / 8;
-    let table = 0;
-    let blocks = 0;
-    let n = 0;
-    let last: number;
-    do {
-      last = n;
-      blocks = Math.ceil((clusters + table + blocks) / this.perBlock);
-      table = Math.ceil(blocks / perTable);
-      n = clusters + blocks + table;
-      if (n === last && generous) {
-        clusters += Math.ceil(table / 2);
-        n = 0;
-        generous = false;
-      }
-    } while (n !== last);
-    return blocks;
-  }
-
   /**
    * New refcount structures at `startC` covering everything up to there plus `additional`
    * clusters: new blocks first, then a new (bigger) table; the old table is freed. Returns the
    * first cluster after them.
    */
   refcountArea(startC: number, additional: number, exact: boolean, newIdx: number, newBlock: number): number {
-    const total = this.metaBlocks(startC + additional, !exact);
-    const areaIdx = Math.floor(startC / this.perBlock);
-    const perTable = this.cs / 8;
-    let tableSize = exact ? total : total + Math.ceil(total / 2);
-    tableSize = Math.ceil(tableSize / perTable) * perTable;
-    const tableClusters = tableSize / perTable;
-    const nt = new Array<number>(tableSize).fill(0);
-    for (let i = 0; i < Math.min(tableSize, this.rt.length); i++) nt[i] = this.rt[i]!;
-    if (newBlock) nt[newIdx] = newBlock;
-    let addl = 0;
-    for (let i = areaIdx; i < total; i++) if (!nt[i]) addl++;
-    const tableC = startC + addl;
-    const endC = tableC + tableClusters;
-    let b = startC;
-    for (let i = areaIdx; i < total; i++) {
-      if (!nt[i]) {
-        nt[i] = b++;
-        this.touch(nt[i]! * this.cs, this.cs);
-      }
+    const area = planRefcountArea(this.rt, this.perBlock, this.cs / 8, startC, additional, exact, newIdx, newBlock);
+    const nt = area.table;
+    const tableC = area.tableCluster;
+    const tableClusters = area.tableClusters;
+    const endC = area.endCluster;
+    for (const [, c] of area.created) this.touch(c * this.cs, this.cs);
+    for (let i = area.areaIndex; i < area.total; i++) {
       const first = i * this.perBlock;
       if (first < endC) {
         this.used.add(Math.max(first, startC), Math.min(endC, first + this.perBlock));

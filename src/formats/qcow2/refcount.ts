@@ -9,6 +9,7 @@ import { readInto, type ByteIO } from '../../core/byte-io.js';
 import { QcowError } from '../../core/errors.js';
 import { corruption, entryOffset } from './cluster-map.js';
 import { QCOW_MAX_REFTABLE_SIZE } from './constants.js';
+import { planRefcountArea } from './refcount-area.js';
 
 export interface RefcountHost {
   io: ByteIO;
@@ -173,40 +174,51 @@ export class Refcounts {
   }
 
   /**
-   * Create the refcount block for reftable index `rt`, placed so it is itself refcounted: in the
-   * first free cluster (at or after `after` when given — QEMU puts the block a run of new clusters
-   * needs right after that run).
+   * Create the refcount block for reftable index `rt`, placed as QEMU places it: in the next free
+   * cluster from the free-cluster index (so after a run being allocated, whose search moved the
+   * index past it). When the table has no entry `rt`, the table grows (refcountArea).
    */
-  private async createBlock(rt: number, after?: number): Promise<void> {
-    if (rt >= this.table.length) await this.growTable(rt + 1);
+  private async createBlock(rt: number): Promise<void> {
     for (;;) {
-      // Growing the table (or a nested call) may already have given this range its block.
-      if (this.table[rt]) return;
-      const c = await this.findFree(1, after === undefined ? this.freeHint : Math.max(after, this.freeHint));
+      // A nested call may already have given this range its block.
+      if (rt < this.table.length && this.table[rt]) return;
+      const c = await this.findFree(1);
       const selfRt = Math.floor(c / this.entriesPerBlock);
-      if (selfRt !== rt && !this.table[selfRt]) {
-        // The free cluster lies in a range that has no block either: give that range its block first.
-        await this.createBlock(selfRt, after);
+      if (selfRt !== rt && !(selfRt < this.table.length && this.table[selfRt])) {
+        // The free cluster lies in a range that has no block either: give that range its block
+        // first (after this cluster, as the index has passed it), then try this cluster again.
+        await this.createBlock(selfRt);
+        this.freeHint = Math.min(this.freeHint, c);
         continue;
       }
       const off = c * this.cs;
       const block = new Uint8Array(this.cs);
-      this.table[rt] = off;
       this.blocks.set(off, block);
       this.dirtyBlocks.add(off);
-      this.tableDirty.add(rt);
       if (selfRt === rt) setRefcount(block, c % this.entriesPerBlock, this.host.refcountOrder, 1);
       else await this.update(c, 1);
+      if (rt < this.table.length) {
+        this.table[rt] = off;
+        this.tableDirty.add(rt);
+        return;
+      }
+      // No room in the table for the block: new refcount structures past everything described
+      // so far (and past the new block), the block taken into the new table.
+      const blocksUsed = Math.max(rt + 1, Math.ceil((c + 1) / this.entriesPerBlock));
+      await this.refcountArea(blocksUsed * this.entriesPerBlock, rt, c);
       return;
     }
   }
 
-  /** Find `n` contiguous free clusters at or after `from` (clusters past every block are free). */
-  private async findFree(n: number, from: number): Promise<number> {
-    let start = from;
+  /**
+   * Find `n` contiguous free clusters from the free-cluster index, first fit, and move the index
+   * past them, as QEMU does: the index only moves forward (clusters it passed are not looked at
+   * again) until a refcount drops to 0 behind it. Clusters past every block are free.
+   */
+  private async findFree(n: number): Promise<number> {
+    let start = this.freeHint;
     let run = 0;
-    let leadingUsed = from === this.freeHint;
-    for (let c = from; ; c++) {
+    for (let c = start; ; c++) {
       const rt = Math.floor(c / this.entriesPerBlock);
       if (rt >= this.table.length || !this.table[rt]) {
         if (run === 0) start = c;
@@ -221,42 +233,34 @@ export class Refcounts {
           run++;
         } else run = 0;
       }
-      if (leadingUsed) {
-        // Clusters before the first free one never need scanning again.
-        if (run > 0) {
-          this.freeHint = start;
-          leadingUsed = false;
-        } else this.freeHint = c + 1;
+      if (run >= n) {
+        this.freeHint = start + n;
+        return start;
       }
-      if (run >= n) return start;
     }
   }
 
   /**
-   * Allocate `n` contiguous clusters (refcount 1 each). Returns the host byte offset. Refcount
-   * blocks needed for them are created first, after the run (as QEMU places them), so they never
-   * land inside it.
+   * Allocate `n` contiguous clusters (refcount 1 each). Returns the host byte offset. As in QEMU,
+   * a refcount block the run needs is created at the free-cluster index (after the run); then
+   * what was counted is undone and the search starts again at the run (the new structures may
+   * have taken clusters of it; growing the table frees the old one, which moves the index back).
    */
   async allocate(n: number): Promise<number> {
     for (;;) {
-      const start = await this.findFree(n, this.freeHint);
-      // Make sure every refcount block covering the run exists; creating one (or growing the
-      // table) may still take a cluster of the run, in which case search again.
-      let moved = false;
-      for (let rt = Math.floor(start / this.entriesPerBlock); rt <= Math.floor((start + n - 1) / this.entriesPerBlock); rt++) {
-        if (rt >= this.table.length || !this.table[rt]) {
-          await this.createBlock(rt, start + n);
-          moved = true;
-        }
+      const start = await this.findFree(n);
+      let c = start;
+      while (c < start + n) {
+        const rt = Math.floor(c / this.entriesPerBlock);
+        if (!(rt < this.table.length && this.table[rt])) break;
+        const segEnd = Math.min(start + n, (rt + 1) * this.entriesPerBlock);
+        for (; c < segEnd; c++) await this.update(c, 1);
       }
-      if (moved) {
-        let free = true;
-        for (let c = start; c < start + n && free; c++) if ((await this.get(c)) !== 0) free = false;
-        if (!free) continue;
-      }
-      for (let c = start; c < start + n; c++) await this.update(c, 1);
-      if (start === this.freeHint) this.freeHint = start + n;
-      return start * this.cs;
+      if (c === start + n) return start * this.cs;
+      await this.createBlock(Math.floor(c / this.entriesPerBlock));
+      for (let k = start; k < c; k++) await this.update(k, -1);
+      // ...and the search starts again from the same clusters, which are likely still free.
+      this.freeHint = Math.min(this.freeHint, start);
     }
   }
 
@@ -332,41 +336,64 @@ export class Refcounts {
   }
 
   /**
-   * Grow the refcount table to at least `minEntries`: a new, larger table is placed in free
-   * clusters, refcounted, written and made durable before the header points to it; the old one
-   * is freed afterwards.
+   * Grow the refcount table (QEMU's refcount area, see refcount-area.ts): at cluster `start`, the
+   * missing refcount blocks that describe the new structures, then the new table holding the old
+   * entries and `newBlock` at `newIndex`. Blocks and table are written and made durable before the
+   * header points to the new table; the old table is freed afterwards.
    */
-  private async growTable(minEntries: number): Promise<void> {
+  private async refcountArea(start: number, newIndex: number, newBlock: number): Promise<void> {
     const cs = this.cs;
-    const perCluster = cs / 8;
-    let clusters = Math.max(this.host.reftableClusters + 1, Math.ceil((minEntries * 3) / 2 / perCluster));
-    if (clusters * cs > QCOW_MAX_REFTABLE_SIZE && clusters > 1) {
-      clusters = Math.max(Math.ceil(minEntries / perCluster), 1);
-      if (clusters * cs > QCOW_MAX_REFTABLE_SIZE) throw new QcowError('EFBIG', 'Reference count table too large');
-    }
-    // Place the new table after every cluster any existing block describes, in a fresh area;
-    // its refcount block(s), if missing, are created by allocate() through the normal path once
-    // the in-memory table is large enough.
+    const per = this.entriesPerBlock;
+    const area = planRefcountArea(
+      this.table.map((o) => o / cs),
+      per,
+      cs / 8,
+      start,
+      0,
+      false,
+      newIndex,
+      newBlock,
+    );
+    if (area.table.length * 8 > QCOW_MAX_REFTABLE_SIZE) throw new QcowError('EFBIG', 'Reference count table too large');
+    // The current table gets the blocks hooked up since the last flush first (QEMU writes each
+    // entry as it hooks the block up), so it is complete when it is left behind.
+    await this.writeBlocks();
+    await this.writeTableEntries();
     const oldOffset = this.host.reftableOffset;
     const oldClusters = this.host.reftableClusters;
-    while (this.table.length < clusters * perCluster) this.table.push(0);
-    // Temporarily treat the table as bigger so allocation of blocks covering the new area works.
-    const newOffset = await this.allocate(clusters);
-    // Write the complete new table (entries may have changed during allocate()).
-    const raw = new Uint8Array(clusters * cs);
+    this.table = area.table.map((c) => c * cs);
+    for (const [, c] of area.created) {
+      this.blocks.set(c * cs, new Uint8Array(cs));
+      this.dirtyBlocks.add(c * cs);
+    }
+    for (let i = area.areaIndex; i < area.total; i++) {
+      const first = i * per;
+      if (first >= area.endCluster) continue;
+      const off = this.table[i]!;
+      const b = (await this.block(i))!;
+      for (let c = Math.max(first, start); c < Math.min(area.endCluster, first + per); c++) {
+        if (getRefcount(b, c - first, this.host.refcountOrder) !== 0) throw corruption(`cluster ${c} of the new refcount structures is in use`);
+        setRefcount(b, c - first, this.host.refcountOrder, 1);
+      }
+      this.dirtyBlocks.add(off);
+    }
+    const raw = new Uint8Array(area.tableClusters * cs);
     const dv = new DataView(raw.buffer);
     for (let i = 0; i < this.table.length; i++) {
       dv.setUint32(i * 8, Math.floor(this.table[i]! / 0x100000000));
       dv.setUint32(i * 8 + 4, this.table[i]! >>> 0);
     }
+    const newOffset = area.tableCluster * cs;
     await this.writeBlocks();
     await this.host.io.write(raw, newOffset);
     await this.host.io.flush();
     this.host.reftableOffset = newOffset;
-    this.host.reftableClusters = clusters;
-    await this.host.onReftableMoved(newOffset, clusters);
+    this.host.reftableClusters = area.tableClusters;
+    await this.host.onReftableMoved(newOffset, area.tableClusters);
     await this.host.io.flush();
     this.tableDirty.clear();
-    this.free(oldOffset / cs, oldClusters);
+    // Nothing refers to the old table any more (the header switch is durable): free it now, which
+    // moves the free-cluster index back to it, as in QEMU.
+    for (let i = 0; i < oldClusters; i++) await this.update(oldOffset / cs + i, -1);
   }
 }
