@@ -83,15 +83,20 @@ export async function readSnapshotTable(
   return out;
 }
 
-/** Encode entries into one table (each entry padded to 8 bytes); extra data is written as 24 bytes + unknown tail. */
+/**
+ * Encode entries into one table (each entry starts at a multiple of 8 bytes; as in QEMU the table
+ * ends where the last entry does); extra data is written as 24 bytes + unknown tail.
+ */
 export function encodeSnapshotTable(entries: SnapshotEntry[]): Uint8Array {
   const parts: Uint8Array[] = [];
   let total = 0;
+  let lastPad = 0;
   for (const e of entries) {
     const id = enc.encode(e.id);
     const name = enc.encode(e.name);
     const extraSize = 24 + e.unknownExtra.length;
     const len = (40 + extraSize + id.length + name.length + 7) & ~7;
+    lastPad = len - (40 + extraSize + id.length + name.length);
     const b = new Uint8Array(len);
     const dv = new DataView(b.buffer);
     dv.setBigUint64(0, BigInt(e.l1TableOffset));
@@ -118,5 +123,5 @@ export function encodeSnapshotTable(entries: SnapshotEntry[]): Uint8Array {
     out.set(p, off);
     off += p.length;
   }
-  return out;
+  return out.subarray(0, total - lastPad);
 }

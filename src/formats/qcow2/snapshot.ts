@@ -37,10 +37,11 @@ export function findSnapshot(list: SnapshotEntry[], idOrName: string): SnapshotE
   return list.find((s) => s.id === idOrName) ?? list.find((s) => s.name === idOrName);
 }
 
-/** Bytes a snapshot table occupies on disk (entries as stored, each padded to 8). */
+/** Bytes a snapshot table occupies on disk (as QEMU counts them: up to the end of its last entry). */
 export function tableBytesOnDisk(list: SnapshotEntry[]): number {
   const enc = new TextEncoder();
-  return list.reduce((n, e) => n + ((40 + e.extraDataSize + enc.encode(e.id).length + enc.encode(e.name).length + 7) & ~7), 0);
+  // each entry starts at a multiple of 8 bytes; the table ends where its last entry does
+  return list.reduce((n, e) => ((n + 7) & ~7) + 40 + e.extraDataSize + enc.encode(e.id).length + enc.encode(e.name).length, 0);
 }
 
 export class SnapshotOps {
