@@ -155,6 +155,8 @@ export async function convertToImage(a: ImageConvertArgs, sources: BlockDriver[]
           (data, limit) => pool.compress(data, limit),
           { inFlight: pool.inFlightLimit, ...(a.progress ? { onProgress: bar.report } : {}) },
         );
+        // qemu-img ends with an empty compressed write: qcow2 rounds its file up to whole sectors.
+        if (target.format === 'qcow2') await drv.writeCompressed(0, new Uint8Array(0));
       } finally {
         await pool.close();
       }

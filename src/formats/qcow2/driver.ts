@@ -568,7 +568,12 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   /** Store a compressed cluster (data already compressed with the image's compression type). */
+  /**
+   * Store a compressed cluster at `offset`. An empty one (QEMU's end of a compressed copy) only
+   * rounds the file's length up to whole 512-byte sectors, as QEMU does.
+   */
   async writeCompressed(offset: number, compressed: Uint8Array): Promise<void> {
+    if (compressed.length === 0) return this.writable(0, 0).alignFileEnd();
     if (this.header.cryptMethod !== C.CRYPT_NONE) throw new QcowError('ENOTSUP', 'Compression and encryption not supported at the same time');
     if (offset % this.g.clusterSize) throw new QcowError('EINVAL', 'Compressed writes must be cluster aligned');
     await this.writable(offset, Math.min(this.g.clusterSize, this.size - offset)).writeCompressed(offset, compressed);

@@ -614,6 +614,14 @@ export class Qcow2Writer {
     });
   }
 
+  /** Round the file's length up to whole 512-byte sectors (the end of a compressed copy). */
+  async alignFileEnd(): Promise<void> {
+    await this.exclusive(async () => {
+      const size = await this.h.io.size();
+      if (size % 512) await this.h.io.truncate(size + 512 - (size % 512));
+    });
+  }
+
   // ---- flush ----------------------------------------------------------------------------
 
   private async maybeFlushMetadata(): Promise<void> {
