@@ -7,7 +7,7 @@ import { registerNodeCodecs } from '../../src/codecs/node.js';
 import type { Qcow2Driver } from '../../src/formats/qcow2/driver.js';
 import { fileProvider } from '../../src/io/file.js';
 import { makeTmpDir, removeTmpDir, sha256File } from '../helpers/files.js';
-import { describeResult, qemuImg } from '../helpers/proc.js';
+import { describeResult, qemuImg, qk } from '../helpers/proc.js';
 import { create, img, io, runTwin, type TwinCase } from './twin.js';
 
 const M = 1024 * 1024;
@@ -112,6 +112,39 @@ const cases: TwinCase[] = [
 
 describe.concurrent('resize', () => {
   for (const c of cases) it(c.name, () => runTwin(c).then(() => undefined));
+});
+
+/**
+ * Shrinking leaves the file as qemu-img leaves it: clusters past the new end dropped (and
+ * discarded), refcount blocks that count nothing any more dropped, the file cut after its last
+ * used cluster — byte for byte.
+ */
+describe('resize --shrink: the same bytes as qemu-img', () => {
+  const shrinks: Array<[string, Record<string, string | number>, string]> = [
+    ['64 KiB clusters', {}, '32M'],
+    ['4 KiB clusters', { cluster_size: 4096 }, '12M'],
+    ['1 KiB clusters, 1-bit refcounts, almost everything gone', { cluster_size: 1024, refcount_bits: 1 }, '100k'],
+  ];
+  for (const [name, opts, size] of shrinks) {
+    it(name, async () => {
+      const d = makeTmpDir('qk-shrink-');
+      try {
+        for (const f of ['q.qcow2', 'k.qcow2']) {
+          await create(d, f, '64M', opts);
+          await io(d, f, ['write -q -P 1 0 3M', 'write -q -P 2 10M 5M', 'write -q -P 3 40M 64k', 'write -q -P 4 60M 4M']);
+        }
+        await img(d, ['resize', '-q', '--shrink', 'q.qcow2', size]);
+        const r = await qk(['resize', '-q', '--shrink', 'k.qcow2', size], { cwd: d });
+        expect(r.code, describeResult(r)).toBe(0);
+        const a = fs.readFileSync(path.join(d, 'q.qcow2'));
+        const b = fs.readFileSync(path.join(d, 'k.qcow2'));
+        expect(b.length).toBe(a.length);
+        expect(b.equals(a)).toBe(true);
+      } finally {
+        removeTmpDir(d);
+      }
+    });
+  }
 });
 
 /**

@@ -171,6 +171,73 @@ export class Refcounts {
     setRefcount(b, i, this.host.refcountOrder, v);
     this.dirtyBlocks.add(this.table[rt]!);
     if (v === 0 && cluster < this.freeHint) this.freeHint = cluster;
+    if (v === 0) this.freedClusters?.push(cluster);
+  }
+
+  /** Clusters whose refcount dropped to 0 since startCollectingFreed() (shrinking discards them). */
+  private freedClusters?: number[];
+
+  startCollectingFreed(): void {
+    this.freedClusters = [];
+  }
+
+  stopCollectingFreed(): number[] {
+    const out = this.freedClusters ?? [];
+    this.freedClusters = undefined;
+    return out;
+  }
+
+  /**
+   * Drop refcount blocks that count nothing but (perhaps) themselves, as QEMU does after
+   * shrinking an image: their table entries are cleared (the table written whole, durably), then
+   * their clusters freed.
+   */
+  async dropUnusedBlocks(): Promise<void> {
+    const order = this.host.refcountOrder;
+    const per = this.entriesPerBlock;
+    const unused: number[] = [];
+    for (let rt = 0; rt < this.table.length; rt++) {
+      const b = await this.block(rt);
+      if (!b) continue;
+      const own = this.table[rt]! / this.cs;
+      const self = Math.floor(own / per) === rt ? own % per : -1;
+      let empty = true;
+      for (let i = 0; i < per && empty; i++) if (i !== self && getRefcount(b, i, order) !== 0) empty = false;
+      if (empty) unused.push(rt);
+    }
+    if (!unused.length) return;
+    const raw = new Uint8Array(this.host.reftableClusters * this.cs);
+    const dv = new DataView(raw.buffer);
+    const drop = new Set(unused);
+    for (let i = 0; i < this.table.length; i++) {
+      if (drop.has(i)) continue;
+      dv.setUint32(i * 8, Math.floor(this.table[i]! / 0x100000000));
+      dv.setUint32(i * 8 + 4, this.table[i]! >>> 0);
+    }
+    await this.writeBlocks();
+    await this.host.io.write(raw, this.host.reftableOffset);
+    await this.host.io.flush();
+    for (const rt of unused) {
+      const off = this.table[rt]!;
+      await this.update(off / this.cs, -1);
+      this.table[rt] = 0;
+      this.tableDirty.delete(rt);
+    }
+  }
+
+  /** The last cluster with a non-zero refcount below `clusters` (-1 when none). */
+  async lastUsedCluster(clusters: number): Promise<number> {
+    const per = this.entriesPerBlock;
+    for (let c = clusters - 1; c >= 0; ) {
+      const rt = Math.floor(c / per);
+      const b = await this.block(rt);
+      if (!b) {
+        c = rt * per - 1;
+        continue;
+      }
+      for (; c >= rt * per; c--) if (getRefcount(b, c % per, this.host.refcountOrder) !== 0) return c;
+    }
+    return -1;
   }
 
   /**

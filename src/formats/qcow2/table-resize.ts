@@ -56,6 +56,7 @@ export async function resizeTables(w: Qcow2Writer, newSize: number): Promise<Uin
   const needed = Math.ceil(newSize / g.l1Coverage);
   let newL1: Uint8Array | undefined;
   if (newSize < header.size) {
+    w.refcounts.startCollectingFreed();
     // Drop clusters past the end: whole L2 tables beyond the new end, and entries in the last one.
     const firstGone = Math.ceil(newSize / cs);
     const lastCluster = Math.ceil(header.size / cs);
@@ -84,6 +85,7 @@ export async function resizeTables(w: Qcow2Writer, newSize: number): Promise<Uin
       c = tableEnd;
     }
     await w.flushMetadata();
+    await shrinkFileTail(w);
   } else if (needed > header.l1Size) {
     await w.flushMetadata();
     newL1 = new Uint8Array(needed * 8);
@@ -96,4 +98,32 @@ export async function resizeTables(w: Qcow2Writer, newSize: number): Promise<Uin
   header.size = newSize;
   await w.flushMetadata();
   return newL1;
+}
+
+/**
+ * After shrinking, as QEMU does: refcount blocks that count nothing any more are dropped, every
+ * cluster freed by the shrink is discarded in the file (QEMU discards them whatever the discard
+ * setting), and the file is cut after its last used cluster.
+ */
+async function shrinkFileTail(w: Qcow2Writer): Promise<void> {
+  const rc = w.refcounts;
+  const io = w.host.io;
+  const cs = w.host.g.clusterSize;
+  try {
+    await rc.dropUnusedBlocks();
+    await w.flushMetadata();
+  } finally {
+    const freed = rc.stopCollectingFreed().sort((a, b) => a - b);
+    if (io.punchHole) {
+      for (let i = 0; i < freed.length; ) {
+        let j = i + 1;
+        while (j < freed.length && freed[j] === freed[j - 1]! + 1) j++;
+        await io.punchHole(freed[i]! * cs, (j - i) * cs);
+        i = j;
+      }
+    }
+  }
+  const fileSize = await io.size();
+  const last = await rc.lastUsedCluster(Math.ceil(fileSize / cs));
+  if ((last + 1) * cs < fileSize) await io.truncate((last + 1) * cs);
 }
