@@ -104,7 +104,10 @@ async function resizeQcow2(drv: Qcow2Driver, newSize: number, prealloc: ResizePr
 
   // Shrinking with snapshots (v3) and zeroing the new area over a larger backing file: resize.ts.
   await drv.resize(newSize);
-  if (newSize > old && prealloc !== 'off') {
+  if (newSize > old && (prealloc === 'falloc' || prealloc === 'full') && !drv.cipher && !drv.g.dataFile && old % drv.g.clusterSize === 0) {
+    // QEMU's layout: refcount structures, then all the new data clusters in one area.
+    await drv.writer!.preallocate(old, newSize, prealloc);
+  } else if (newSize > old && prealloc !== 'off') {
     const cipher = drv.cipher;
     if (!cipher) {
       await writeZeroData(drv, old, newSize);

@@ -272,7 +272,7 @@ export class Refcounts {
       // No room in the table for the block: new refcount structures past everything described
       // so far (and past the new block), the block taken into the new table.
       const blocksUsed = Math.max(rt + 1, Math.ceil((c + 1) / this.entriesPerBlock));
-      await this.refcountArea(blocksUsed * this.entriesPerBlock, rt, c);
+      await this.refcountArea(blocksUsed * this.entriesPerBlock, 0, false, rt, c);
       return;
     }
   }
@@ -404,11 +404,12 @@ export class Refcounts {
 
   /**
    * Grow the refcount table (QEMU's refcount area, see refcount-area.ts): at cluster `start`, the
-   * missing refcount blocks that describe the new structures, then the new table holding the old
-   * entries and `newBlock` at `newIndex`. Blocks and table are written and made durable before the
-   * header points to the new table; the old table is freed afterwards.
+   * missing refcount blocks that describe the new structures (and `additional` clusters more),
+   * then the new table holding the old entries and `newBlock` at `newIndex`. Blocks and table are
+   * written and made durable before the header points to the new table; the old table is freed
+   * afterwards. Returns the first cluster after the new structures.
    */
-  private async refcountArea(start: number, newIndex: number, newBlock: number): Promise<void> {
+  async refcountArea(start: number, additional: number, exact: boolean, newIndex = 0, newBlock = 0): Promise<number> {
     const cs = this.cs;
     const per = this.entriesPerBlock;
     const area = planRefcountArea(
@@ -416,8 +417,8 @@ export class Refcounts {
       per,
       cs / 8,
       start,
-      0,
-      false,
+      additional,
+      exact,
       newIndex,
       newBlock,
     );
@@ -462,5 +463,14 @@ export class Refcounts {
     // Nothing refers to the old table any more (the header switch is durable): free it now, which
     // moves the free-cluster index back to it, as in QEMU.
     for (let i = 0; i < oldClusters; i++) await this.update(oldOffset / cs + i, -1);
+    return area.endCluster;
+  }
+
+  /** Take `n` free clusters from `cluster` on (refcount 1 each; their blocks must exist). */
+  async allocateAt(cluster: number, n: number): Promise<void> {
+    for (let c = cluster; c < cluster + n; c++) {
+      if ((await this.get(c)) !== 0) throw corruption(`cluster ${c} to preallocate is in use`);
+      await this.update(c, 1);
+    }
   }
 }

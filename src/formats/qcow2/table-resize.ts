@@ -4,7 +4,9 @@
  * size (growing may move the L1 table to a larger one, written and made durable before the header
  * points to it; shrinking drops every cluster past the new end).
  */
+import { writeZeroRange } from '../../core/byte-io.js';
 import { entryOffset } from './cluster-map.js';
+import { COPIED_HI } from './l2-tables.js';
 import type { Qcow2Writer } from './writer.js';
 
 export async function dropActiveState(w: Qcow2Writer): Promise<void> {
@@ -126,4 +128,47 @@ async function shrinkFileTail(w: Qcow2Writer): Promise<void> {
   const fileSize = await io.size();
   const last = await rc.lastUsedCluster(Math.ceil(fileSize / cs));
   if ((last + 1) * cs < fileSize) await io.truncate((last + 1) * cs);
+}
+
+/**
+ * Preallocate the clusters of a grown image's new area (`[oldSize, newSize)`, `oldSize` a
+ * multiple of the cluster size) as QEMU's truncate does for falloc/full: new refcount structures
+ * after the last used cluster, sized for the data and the L2 tables that may come, then every
+ * data cluster in one contiguous area after them (the file grown over it by fallocate, or by
+ * writing zeros for `full`), then the L2 entries pointing to them (new L2 tables wherever the
+ * allocator puts them).
+ */
+export async function preallocateGrowth(w: Qcow2Writer, oldSize: number, newSize: number, mode: 'falloc' | 'full'): Promise<void> {
+  const { g } = w.host;
+  const cs = g.clusterSize;
+  const rc = w.refcounts;
+  const io = w.host.io;
+  await w.flushMetadata();
+  const firstC = oldSize / cs;
+  const nbData = Math.ceil(newSize / cs) - firstC;
+  if (nbData <= 0) return;
+  const nbL2 = Math.ceil(nbData / g.l2Entries) + 1;
+  const oldFileC = (await rc.lastUsedCluster(Math.ceil((await io.size()) / cs))) + 1;
+  const start = await rc.refcountArea(oldFileC, nbData + nbL2, true);
+  await rc.allocateAt(start, nbData);
+  const end = (start + nbData) * cs;
+  const cur = await io.size();
+  if (end > cur) {
+    if (mode === 'full' || !io.allocate || !(await io.allocate(cur, end - cur))) await writeZeroRange(io, cur, end - cur);
+  }
+  for (let k = 0; k < nbData; ) {
+    const gc = firstC + k;
+    const l1i = Math.floor(gc / g.l2Entries);
+    const l2 = await w.tables.writableL2(l1i);
+    const n = Math.min(nbData - k, g.l2Entries - (gc % g.l2Entries));
+    for (let j = 0; j < n; j++) {
+      const host = (start + k + j) * cs;
+      const idx = (gc + j) % g.l2Entries;
+      const old = await w.tables.getEntry(l2, idx);
+      await w.tables.setEntry(l2, idx, { hi: (Math.floor(host / 0x100000000) | COPIED_HI) >>> 0, lo: host >>> 0, bhi: 0, blo: 0 });
+      w.tables.releaseOld(old);
+    }
+    k += n;
+  }
+  await w.flushMetadata();
 }

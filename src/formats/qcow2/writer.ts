@@ -16,7 +16,7 @@ import type { L2Cache } from './l2-cache.js';
 import { Refcounts } from './refcount.js';
 import { writeReftablePointer, type Qcow2Header } from './header.js';
 import { RequestLock } from './request-lock.js';
-import { dropActiveState, resizeTables } from './table-resize.js';
+import { dropActiveState, preallocateGrowth, resizeTables } from './table-resize.js';
 import { durableBarrier, flushDirtyMetadata } from './metadata-flush.js';
 import { COMPRESSED_HI, COPIED_HI, L2Tables, type Entry } from './l2-tables.js';
 
@@ -674,6 +674,14 @@ export class Qcow2Writer {
     return this.exclusive(async () => {
       await this.start();
       return resizeTables(this, newSize);
+    });
+  }
+
+  /** Preallocate the clusters of a grown image's new area, as QEMU does (see table-resize.ts). */
+  preallocate(oldSize: number, newSize: number, mode: 'falloc' | 'full'): Promise<void> {
+    return this.exclusive(async () => {
+      await this.start();
+      await preallocateGrowth(this, oldSize, newSize, mode);
     });
   }
 
