@@ -188,6 +188,25 @@ export class Refcounts {
   }
 
   /**
+   * Stop collecting, and discard in the file the clusters freed since startCollectingFreed() that
+   * are still free (QEMU passes such frees on as discards after snapshot operations and shrinking,
+   * so they read as zeros). Call once the frees are durable.
+   */
+  async discardFreed(): Promise<void> {
+    const freed = [...new Set(this.stopCollectingFreed())].sort((a, b) => a - b);
+    const punch = this.host.io.punchHole?.bind(this.host.io);
+    if (!punch) return;
+    const still: number[] = [];
+    for (const c of freed) if ((await this.get(c)) === 0) still.push(c);
+    for (let i = 0; i < still.length; ) {
+      let j = i + 1;
+      while (j < still.length && still[j] === still[j - 1]! + 1) j++;
+      await punch(still[i]! * this.cs, (j - i) * this.cs);
+      i = j;
+    }
+  }
+
+  /**
    * Drop refcount blocks that count nothing but (perhaps) themselves, as QEMU does after
    * shrinking an image: their table entries are cleared (the table written whole, durably), then
    * their clusters freed.

@@ -118,6 +118,23 @@ export class SnapshotOps {
     }
   }
 
+  /** Set COPIED in `l1` (not the active table) exactly where the L2 table's refcount is 1; true if any changed. */
+  private async refreshL1Copied(l1: Uint8Array): Promise<boolean> {
+    const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+    let changed = false;
+    for (let i = 0; i < l1.length / 8; i++) {
+      const hi = dv.getUint32(i * 8);
+      const l2 = entryOffset(hi, dv.getUint32(i * 8 + 4));
+      if (!l2) continue;
+      const want = (await this.w.refcounts.get(l2 / this.cs)) === 1;
+      if (want !== ((hi & COPIED_HI) !== 0)) {
+        dv.setUint32(i * 8, (want ? hi | COPIED_HI : hi & ~COPIED_HI) >>> 0);
+        changed = true;
+      }
+    }
+    return changed;
+  }
+
   private async markDirty(on: boolean): Promise<void> {
     const h = this.drv.header;
     if (h.version < 3) return;
@@ -164,23 +181,42 @@ export class SnapshotOps {
       // Before anything changes: one more reference must fit in every refcount.
       await this.checkOverflow();
       if (drv.header.version < 3) return this.createV2(opts);
-      await this.markDirty(true);
-      const l1 = drv.activeL1.slice();
-      const l1Clusters = Math.max(1, Math.ceil(l1.length / this.cs));
-      const l1Offset = l1.length ? await this.w.refcounts.allocate(l1Clusters) : 0;
-      await this.adjustTree(l1, 1);
-      await this.w.refcounts.writeBlocks();
-      if (l1.length) await drv.rawWrite(l1, l1Offset);
-      await this.w.barrier();
-      await this.w.refcounts.writeTableEntries();
-      await this.recomputeCopied();
-      await this.w.flushMetadata();
-      const entry = this.newEntry(opts, l1Offset, l1.length / 8);
-      await this.writeTable([...drv.snapshots, entry]);
-      await this.w.flushMetadata();
-      await this.markDirty(false);
-      return entry;
+      return this.discardingFreed(async () => {
+        await this.markDirty(true);
+        const l1 = drv.activeL1.slice();
+        const l1Clusters = Math.max(1, Math.ceil(l1.length / this.cs));
+        const l1Offset = l1.length ? await this.w.refcounts.allocate(l1Clusters) : 0;
+        await this.adjustTree(l1, 1);
+        await this.w.refcounts.writeBlocks();
+        if (l1.length) await drv.rawWrite(l1, l1Offset);
+        await this.w.barrier();
+        await this.w.refcounts.writeTableEntries();
+        await this.recomputeCopied();
+        await this.w.flushMetadata();
+        const entry = this.newEntry(opts, l1Offset, l1.length / 8);
+        await this.writeTable([...drv.snapshots, entry]);
+        await this.w.flushMetadata();
+        await this.markDirty(false);
+        return entry;
+      });
     });
+  }
+
+  /**
+   * Run a v3 snapshot operation; afterwards the clusters it freed are discarded in the file, as
+   * QEMU passes snapshot frees on as discards by default (pass-discard-snapshot).
+   */
+  private async discardingFreed<T>(fn: () => Promise<T>): Promise<T> {
+    const rc = this.w.refcounts;
+    rc.startCollectingFreed();
+    try {
+      const out = await fn();
+      await this.w.flushMetadata();
+      await rc.discardFreed();
+      return out;
+    } finally {
+      rc.stopCollectingFreed();
+    }
   }
 
   private newEntry(opts: SnapshotCreateOptions, l1TableOffset: number, l1Size: number): SnapshotEntry {
@@ -435,17 +471,19 @@ export class SnapshotOps {
       await this.w.start();
       await this.w.flushMetadata();
       if (drv.header.version < 3) return this.replaceV2(sn, 'delete');
-      await this.markDirty(true);
-      const l1 = await this.readL1(sn.l1TableOffset, sn.l1Size);
-      // Drop the entry first: from here the tree is unreferenced, so a crash only leaks.
-      await this.writeTable(drv.snapshots.filter((s) => s !== sn));
-      await this.w.flushMetadata();
-      await this.adjustTree(l1, -1);
-      if (sn.l1Size) this.w.refcounts.free(sn.l1TableOffset / this.cs, Math.ceil((sn.l1Size * 8) / this.cs));
-      await this.w.refcounts.applyFrees();
-      await this.recomputeCopied();
-      await this.w.flushMetadata();
-      await this.markDirty(false);
+      await this.discardingFreed(async () => {
+        await this.markDirty(true);
+        const l1 = await this.readL1(sn.l1TableOffset, sn.l1Size);
+        // Drop the entry first: from here the tree is unreferenced, so a crash only leaks.
+        await this.writeTable(drv.snapshots.filter((s) => s !== sn));
+        await this.w.flushMetadata();
+        await this.adjustTree(l1, -1);
+        if (sn.l1Size) this.w.refcounts.free(sn.l1TableOffset / this.cs, Math.ceil((sn.l1Size * 8) / this.cs));
+        await this.w.refcounts.applyFrees();
+        await this.recomputeCopied();
+        await this.w.flushMetadata();
+        await this.markDirty(false);
+      });
     });
   }
 
@@ -457,17 +495,24 @@ export class SnapshotOps {
       await this.w.start();
       await this.w.flushMetadata();
       if (drv.header.version < 3) return this.replaceV2(sn, 'apply');
-      await this.markDirty(true);
-      const snL1 = await this.readL1(sn.l1TableOffset, sn.l1Size);
-      const oldL1 = drv.activeL1.slice();
-      await this.adjustTree(snL1, 1);
-      await this.w.flushMetadata();
-      const newSize = sn.diskSize ?? drv.header.size;
-      await drv.replaceActiveL1(snL1, newSize);
-      await this.adjustTree(oldL1, -1);
-      await this.recomputeCopied();
-      await this.w.flushMetadata();
-      await this.markDirty(false);
+      await this.discardingFreed(async () => {
+        await this.markDirty(true);
+        const snL1 = await this.readL1(sn.l1TableOffset, sn.l1Size);
+        const oldL1 = drv.activeL1.slice();
+        await this.adjustTree(snL1, 1);
+        await this.w.flushMetadata();
+        // As QEMU, the snapshot's own L1 table gets COPIED flags that match the new refcounts.
+        if (await this.refreshL1Copied(snL1)) {
+          await drv.rawWrite(snL1, sn.l1TableOffset);
+          await this.w.barrier();
+        }
+        const newSize = sn.diskSize ?? drv.header.size;
+        await drv.replaceActiveL1(snL1, newSize);
+        await this.adjustTree(oldL1, -1);
+        await this.recomputeCopied();
+        await this.w.flushMetadata();
+        await this.markDirty(false);
+      });
     });
   }
 }

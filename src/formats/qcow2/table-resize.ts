@@ -114,16 +114,9 @@ async function shrinkFileTail(w: Qcow2Writer): Promise<void> {
   try {
     await rc.dropUnusedBlocks();
     await w.flushMetadata();
+    await rc.discardFreed();
   } finally {
-    const freed = rc.stopCollectingFreed().sort((a, b) => a - b);
-    if (io.punchHole) {
-      for (let i = 0; i < freed.length; ) {
-        let j = i + 1;
-        while (j < freed.length && freed[j] === freed[j - 1]! + 1) j++;
-        await io.punchHole(freed[i]! * cs, (j - i) * cs);
-        i = j;
-      }
-    }
+    rc.stopCollectingFreed();
   }
   const fileSize = await io.size();
   const last = await rc.lastUsedCluster(Math.ceil(fileSize / cs));
