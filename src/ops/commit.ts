@@ -42,7 +42,8 @@ export async function commit(top: BlockDriver, base: BlockDriver, opts: CommitOp
     for (const e of ext) {
       if (e.depth >= opts.baseDepth) continue;
       if (e.kind === 'zero') {
-        await base.writeZeroes(e.offset, e.length);
+        // as qemu-img's commit job: zeros may be unmapped (the base's clusters there are freed)
+        await base.writeZeroes(e.offset, e.length, { mayUnmap: true });
       } else if (e.kind === 'data') {
         for (let off = e.offset; off < e.offset + e.length; off += CHUNK) {
           const n = Math.min(CHUNK, e.offset + e.length - off);

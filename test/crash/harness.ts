@@ -737,6 +737,15 @@ async function makeBacking(dir: string, b: BackingSpec): Promise<void> {
   fs.rmSync(path.join(dir, 'base.tmp'));
 }
 
+/**
+ * QEMU's stderr without the report of what it repaired while opening a dirty image read-write:
+ * refcount and OFLAG_COPIED repairs, and the rebuild of refcount structures that are broken
+ * (as an image left dirty while being emptied may be).
+ */
+export function withoutRepairReport(stderr: string): string {
+  return stderr.replace(/^(Leaked cluster|ERROR cluster|Repairing cluster|ERROR OFLAG_COPIED|Repairing OFLAG_COPIED|Rebuilding refcount structure)[^\n]*\n?/gm, '');
+}
+
 /** Rebuilt image → QEMU's verdict (RW open, check, repair if dirty) and its raw content. */
 export async function examine(bytes: Uint8Array, slot: string, rawPath: string): Promise<Verdict> {
   const img = path.join(slot, IMG);
@@ -750,9 +759,7 @@ export async function examine(bytes: Uint8Array, slot: string, rawPath: string):
   const rw = path.join(slot, 'rw.qcow2');
   fs.writeFileSync(rw, bytes);
   const r0 = await qemuIo(['-f', 'qcow2', '-t', 'unsafe', '-c', 'write -P 0x55 0 512', rw], { cwd: slot });
-  // Opening a dirty image read-write, QEMU rebuilds its refcounts and lists what it repaired.
-  const repairLines = /^(Leaked cluster|ERROR cluster|Repairing cluster) \d+ refcount=\d+ reference=\d+\s*$/gm;
-  const stderr = dirty ? r0.stderr.replace(repairLines, '') : r0.stderr;
+  const stderr = dirty ? withoutRepairReport(r0.stderr) : r0.stderr;
   if (r0.code !== 0 || !/wrote 512\/512/.test(r0.stdout) || /\S/.test(stderr)) {
     problems.push(`QEMU cannot open it read-write and write: ${oneLine(r0)}`);
   }

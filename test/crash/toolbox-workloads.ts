@@ -32,7 +32,7 @@ import { rebase } from '../../src/ops/rebase.js';
 import { create, img, io } from '../helpers/build.js';
 import { makeTmpDir, removeTmpDir } from '../helpers/files.js';
 import { describeResult, must, qemuImg, qemuIo, type RunResult } from '../helpers/proc.js';
-import { describeIoOps } from './harness.js';
+import { describeIoOps, withoutRepairReport } from './harness.js';
 
 const K = 1024;
 const M = 1024 * K;
@@ -406,8 +406,7 @@ async function examineCut(
     const r0 = await qemuIo(['-f', 'qcow2', '-t', 'unsafe', '-c', 'write -P 0x55 0 512', rw], { cwd: slot });
     fs.rmSync(path.join(slot, rw), { force: true });
     out.push(describeResult(r0));
-    const repairLines = /^(Leaked cluster|ERROR cluster|Repairing cluster|ERROR OFLAG_COPIED|Repairing OFLAG_COPIED)[^\n]*\n?/gm;
-    const stderr = dirty ? r0.stderr.replace(repairLines, '') : r0.stderr;
+    const stderr = dirty ? withoutRepairReport(r0.stderr) : r0.stderr;
     if (r0.code !== 0 || !/wrote 512\/512/.test(r0.stdout) || /\S/.test(stderr)) problems.push(`${f}: QEMU cannot open it read-write and write: ${oneLine(r0)}`);
     const r1 = await qemuImg(['check', '-T', 'unsafe', '--output=json', '-f', 'qcow2', f], { cwd: slot });
     out.push(describeResult(r1));

@@ -6,23 +6,91 @@
  */
 import { writeZeroRange } from '../../core/byte-io.js';
 import { entryOffset } from './cluster-map.js';
+import * as C from './constants.js';
 import { COPIED_HI } from './l2-tables.js';
 import type { Qcow2Writer } from './writer.js';
 
-export async function dropActiveState(w: Qcow2Writer): Promise<void> {
-  const { g } = w.host;
-  const cs = w.host.g.clusterSize;
-  for (let i = 0; i < w.host.map.l1Size; i++) {
-    const { hi, lo } = w.tables.l1Entry(i);
-    const l2 = entryOffset(hi, lo);
-    if (!l2) continue;
-    // The active state's reference to every cluster under this table goes, shared or not.
-    for (let k = 0; k < g.l2Entries; k++) w.tables.releaseOld(await w.tables.getEntry(l2, k));
-    w.tables.setL1Entry(i, 0, false);
-    w.refcounts.free(l2 / cs);
+/**
+ * Empty the active state as QEMU's make_empty does: an image that holds nothing but its active
+ * state (v3, no snapshots, bitmaps, LUKS header or data file) is rebuilt from scratch — header,
+ * refcount table, one refcount block and a zeroed L1 table in its first clusters, the file cut
+ * after them (the image is marked dirty meanwhile, so a crash leaves refcounts that are rebuilt
+ * on the next open); any other image has every active cluster dropped and discarded.
+ */
+export async function emptyActiveState(w: Qcow2Writer): Promise<void> {
+  const { header, g } = w.host;
+  const cs = g.clusterSize;
+  const l1Clusters = Math.ceil((w.host.map.l1Size * 8) / cs);
+  const perBlock = (cs * 8) / 2 ** header.refcountOrder;
+  const whole =
+    header.version >= 3 &&
+    header.nbSnapshots === 0 &&
+    !header.bitmaps &&
+    3 + l1Clusters <= perBlock &&
+    header.cryptMethod !== C.CRYPT_LUKS &&
+    !g.dataFile;
+  if (!whole) {
+    w.refcounts.startCollectingFreed();
+    try {
+      await dropActiveState(w);
+      await w.refcounts.discardFreed();
+    } finally {
+      w.refcounts.stopCollectingFreed();
+    }
+    return;
   }
+  const io = w.host.io;
   await w.flushMetadata();
   w.host.l2cache.clear();
+  header.incompatibleFeatures |= C.INCOMPAT_DIRTY;
+  await w.writeHeaderFeatures();
+  await io.flush();
+  await writeZeroRange(io, header.l1TableOffset, l1Clusters * cs);
+  w.host.map.l1.fill(0);
+  await writeZeroRange(io, cs, (2 + l1Clusters) * cs);
+  const ptrs = new Uint8Array(20);
+  const dv = new DataView(ptrs.buffer);
+  dv.setBigUint64(0, BigInt(3 * cs));
+  dv.setBigUint64(8, BigInt(cs));
+  dv.setUint32(16, 1);
+  await io.write(ptrs, 40);
+  await io.flush();
+  header.l1TableOffset = 3 * cs;
+  header.refcountTableOffset = cs;
+  header.refcountTableClusters = 1;
+  const entry = new Uint8Array(8);
+  new DataView(entry.buffer).setBigUint64(0, BigInt(2 * cs));
+  await io.write(entry, cs);
+  await io.flush();
+  // header, refcount table, this refcount block and the L1 table: refcount 1 each
+  await w.reloadRefcounts();
+  await w.refcounts.allocateAt(0, 3 + l1Clusters);
+  await w.refcounts.writeBlocks();
+  await io.flush();
+  header.incompatibleFeatures &= ~C.INCOMPAT_DIRTY;
+  await w.writeHeaderFeatures();
+  await io.flush();
+  await io.truncate((3 + l1Clusters) * cs);
+}
+
+/**
+ * Discard every cluster of the active state, as QEMU's fallback: each L2 entry becomes 0 and its
+ * cluster is released; the L2 tables themselves stay.
+ */
+export async function dropActiveState(w: Qcow2Writer): Promise<void> {
+  const { g } = w.host;
+  for (let i = 0; i < w.host.map.l1Size; i++) {
+    const { hi, lo } = w.tables.l1Entry(i);
+    if (!entryOffset(hi, lo)) continue;
+    const l2 = await w.tables.writableL2(i);
+    for (let k = 0; k < g.l2Entries; k++) {
+      const e = await w.tables.getEntry(l2, k);
+      if (!(e.hi || e.lo || e.bhi || e.blo)) continue;
+      await w.tables.setEntry(l2, k, { hi: 0, lo: 0, bhi: 0, blo: 0 });
+      w.tables.releaseOld(e);
+    }
+  }
+  await w.flushMetadata();
 }
 
 /**

@@ -16,7 +16,7 @@ import type { L2Cache } from './l2-cache.js';
 import { Refcounts } from './refcount.js';
 import { writeReftablePointer, type Qcow2Header } from './header.js';
 import { RequestLock } from './request-lock.js';
-import { dropActiveState, preallocateGrowth, resizeTables } from './table-resize.js';
+import { emptyActiveState, preallocateGrowth, resizeTables } from './table-resize.js';
 import { durableBarrier, flushDirtyMetadata } from './metadata-flush.js';
 import { COMPRESSED_HI, COPIED_HI, L2Tables, type Entry } from './l2-tables.js';
 
@@ -663,7 +663,14 @@ export class Qcow2Writer {
   makeEmpty(): Promise<void> {
     return this.exclusive(async () => {
       await this.start();
-      await dropActiveState(this);
+      await emptyActiveState(this);
+      // Lazy refcounts: the image stays marked dirty while open (emptying cleared the bit).
+      const hdr = this.h.header;
+      if (this.lazy && hdr.version === 3 && !(hdr.incompatibleFeatures & C.INCOMPAT_DIRTY)) {
+        hdr.incompatibleFeatures |= C.INCOMPAT_DIRTY;
+        await this.writeHeaderFeatures();
+        await this.h.io.flush();
+      }
     });
   }
 
