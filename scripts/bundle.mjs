@@ -10,7 +10,7 @@
 // dist/cli/main.js, so a later plain `tsc` run (without re-bundling) falls back to dist/ as before.
 // If esbuild is missing or fails, the build goes on without a bundle (bin/qcowkit then uses dist/).
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, renameSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, relative, sep } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -91,6 +91,11 @@ try {
 const work = mkdtempSync(join(tmpdir(), 'qcowkit-cache-'));
 try {
   const img = join(work, 'a.qcow2');
+  // the converts copy a raw file with data and holes (the bench's main paths)
+  const raw = join(work, 'r.raw');
+  const data = Buffer.alloc(4 << 20);
+  for (let i = 0; i < 2 << 20; i++) data[i] = (i * 2654435761) >>> 24;
+  writeFileSync(raw, data);
   const runs = [
     ['create', '-q', '-f', 'qcow2', img, '64M'],
     ['info', img],
@@ -99,6 +104,10 @@ try {
     ['map', '--output=json', img],
     ['check', img],
     ['check', '--output=json', img],
+    ['convert', '-f', 'raw', '-O', 'qcow2', raw, join(work, 'c.qcow2')],
+    ['convert', '-O', 'raw', join(work, 'c.qcow2'), join(work, 'c.raw')],
+    ['convert', '-O', 'qcow2', join(work, 'c.qcow2'), join(work, 'd.qcow2')],
+    ['compare', join(work, 'c.qcow2'), raw],
   ];
   for (const args of runs) {
     const r = spawnSync(process.execPath, [join(REPO, 'bin', 'qcowkit'), ...args], {
