@@ -225,6 +225,9 @@ async function openDriver(a: NbdArgs, objects: ReturnType<typeof parseObjects>):
         "         Specify the 'raw' format explicitly to remove the restrictions.\n",
     );
   }
+  // --discard=unmap opens the image with unmap: like QEMU, what discards free is discarded in the file.
+  const writer = (drv as { writer?: { passDiscard: boolean } }).writer;
+  if (a.discard === 'unmap' && writer) writer.passDiscard = true;
   try {
     if (a.snapshot && !a.readOnly) drv = await CowOverlay.create(drv);
     if (a.offset) drv = new OffsetWindow(drv, a.offset);

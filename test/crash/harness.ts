@@ -102,7 +102,7 @@ export class Guest {
   get clusterSize(): number {
     return this.drv.g.clusterSize;
   }
-  /** Discard / zero-flag unit: the subcluster with extended L2, else the cluster. */
+  /** Zero-flag unit: the subcluster with extended L2, else the cluster. */
   get unit(): number {
     return this.drv.g.subclusterSize;
   }
@@ -150,7 +150,8 @@ export class Guest {
   }
 
   /**
-   * Discard: whole units only (partial units are left alone, as by QEMU). Afterwards the range
+   * Discard: whole clusters only (partial clusters are left alone, as by QEMU, also with
+   * subclusters; a last partial cluster ending the image counts as whole). Afterwards the range
    * reads as zeros on v3 images (zero flag), and as the backing data on v2 (unallocated).
    */
   async discard(offset: number, length: number): Promise<void> {
@@ -158,10 +159,12 @@ export class Guest {
     const startOp = this.rec.mark();
     await this.drv.discard(offset, length);
     const endOp = this.rec.mark();
-    const a = Math.ceil(offset / this.unit) * this.unit;
-    const b = Math.min(this.size, Math.floor((offset + length) / this.unit) * this.unit);
+    const cs = this.clusterSize;
+    const end = offset + length;
+    const a = Math.ceil(offset / cs) * cs;
+    const b = end === this.size ? end : Math.min(this.size, Math.floor(end / cs) * cs);
     if (a >= b) {
-      this.ops.push({ kind: 'discard', offset, length: 0, value: null, startOp, endOp, note: 'partial unit: no-op' });
+      this.ops.push({ kind: 'discard', offset, length: 0, value: null, startOp, endOp, note: 'partial cluster: no-op' });
       return;
     }
     const value = this.version >= 3 ? null : sliceZeroPadded(this.initial, a, b - a);

@@ -88,8 +88,11 @@ export class L2Tables {
     this.h.l2cache.markDirty(sliceOff);
   }
 
-  /** Queue the release of whatever host storage `e` references (after the new entry is durable). */
-  releaseOld(e: Entry): void {
+  /**
+   * Queue the release of whatever host storage `e` references (after the new entry is durable);
+   * `discard`: what it frees is discarded in the file too.
+   */
+  releaseOld(e: Entry, discard = false): void {
     if (e.hi & COMPRESSED_HI) {
       const cb = this.h.g.clusterBits;
       const x = 70 - cb;
@@ -98,11 +101,11 @@ export class L2Tables {
       const start = coff - (coff % 512);
       const first = Math.floor(start / this.h.g.clusterSize);
       const last = Math.floor((start + sectors * 512 - 1) / this.h.g.clusterSize);
-      for (let c = first; c <= last; c++) this.refcounts().free(c);
+      for (let c = first; c <= last; c++) this.refcounts().free(c, 1, discard);
       return;
     }
     const host = entryOffset(e.hi, e.lo);
-    if (host && !this.h.g.dataFile) this.refcounts().free(host / this.h.g.clusterSize);
+    if (host && !this.h.g.dataFile) this.refcounts().free(host / this.h.g.clusterSize, 1, discard);
   }
 
   hostOf(e: Entry): number {

@@ -58,5 +58,7 @@ export async function flushDirtyMetadata(h: WriterHost, rc: Refcounts, tables: L
     await rc.applyFrees();
     await rc.writeBlocks();
     await durableBarrier(h);
+    // 5. clusters freed for discard requests are discarded in the file
+    await rc.discardReleased();
   }
 }

@@ -77,7 +77,9 @@ export class Refcounts {
   private tableDirty = new Set<number>();
   private blocks = new Map<number, Uint8Array>(); // block offset → content
   private dirtyBlocks = new Set<number>();
-  private pendingFrees: Array<{ cluster: number; count: number }> = [];
+  private pendingFrees: Array<{ cluster: number; count: number; discard?: boolean }> = [];
+  /** Clusters freed by frees marked for discard, to discard in the file once that is durable. */
+  private toDiscard: number[] = [];
   /** First cluster that may be free. */
   private freeHint = 0;
   /** Partly used cluster for compressed data (byte offset of the next free byte), 0 = none. */
@@ -193,11 +195,23 @@ export class Refcounts {
    * so they read as zeros). Call once the frees are durable.
    */
   async discardFreed(): Promise<void> {
-    const freed = [...new Set(this.stopCollectingFreed())].sort((a, b) => a - b);
+    await this.punchFree(this.stopCollectingFreed());
+  }
+
+  /** Discard in the file the clusters freed for discard requests that are still free (call once durable). */
+  async discardReleased(): Promise<void> {
+    if (!this.toDiscard.length) return;
+    const list = this.toDiscard;
+    this.toDiscard = [];
+    await this.punchFree(list);
+  }
+
+  /** Discard (punch) those of `clusters` whose refcount is 0, in runs. */
+  private async punchFree(clusters: number[]): Promise<void> {
     const punch = this.host.io.punchHole?.bind(this.host.io);
     if (!punch) return;
     const still: number[] = [];
-    for (const c of freed) if ((await this.get(c)) === 0) still.push(c);
+    for (const c of [...new Set(clusters)].sort((a, b) => a - b)) if ((await this.get(c)) === 0) still.push(c);
     for (let i = 0; i < still.length; ) {
       let j = i + 1;
       while (j < still.length && still[j] === still[j - 1]! + 1) j++;
@@ -382,15 +396,22 @@ export class Refcounts {
     return this.allocate(n);
   }
 
-  /** Queue a decrement, applied by applyFrees() once the dropped references are durable. */
-  free(cluster: number, count = 1): void {
-    for (let i = 0; i < count; i++) this.pendingFrees.push({ cluster: cluster + i, count: 1 });
+  /**
+   * Queue a decrement, applied by applyFrees() once the dropped references are durable. `discard`:
+   * a cluster it frees is then discarded in the file (QEMU's pass-discard-request), see
+   * discardReleased().
+   */
+  free(cluster: number, count = 1, discard = false): void {
+    for (let i = 0; i < count; i++) this.pendingFrees.push(discard ? { cluster: cluster + i, count: 1, discard } : { cluster: cluster + i, count: 1 });
   }
 
   async applyFrees(): Promise<void> {
     const frees = this.pendingFrees;
     this.pendingFrees = [];
-    for (const f of frees) await this.update(f.cluster, -f.count);
+    for (const f of frees) {
+      await this.update(f.cluster, -f.count);
+      if (f.discard) this.toDiscard.push(f.cluster);
+    }
   }
 
   /** Write dirty refcount blocks (step 1), then the reftable entries that point to new blocks (after a barrier). */

@@ -76,6 +76,12 @@ export class Qcow2Writer {
   readonly tables: L2Tables;
   private readonly lazy: boolean;
 
+  /**
+   * Discard in the file what discard requests and zeroing with unmap free (QEMU's
+   * pass-discard-request, on when the image is opened with unmap: qemu-nbd --discard=unmap).
+   */
+  passDiscard = false;
+
   private constructor(private h: WriterHost, refcounts: Refcounts) {
     this.refcounts = refcounts;
     this.tables = new L2Tables(h, () => this.refcounts);
@@ -475,21 +481,66 @@ export class Qcow2Writer {
   async writeZeroes(offset: number, length: number, mayUnmap: boolean): Promise<void> {
     const { g, header } = this.h;
     const unit = g.subclusterSize;
-    const canFlag = header.version >= 3 && !(header.autoclearFeatures & C.AUTOCLEAR_DATA_FILE_RAW);
-    const a = Math.ceil(offset / unit) * unit;
-    const b = Math.floor((offset + length) / unit) * unit;
-    if (!canFlag || a >= b) {
+    // v3: zero flags; v2 without a backing file: QEMU discards (unallocated reads as zeros).
+    const canFlag = (header.version >= 3 || !this.h.hasBacking) && !(header.autoclearFeatures & C.AUTOCLEAR_DATA_FILE_RAW);
+    if (!canFlag) {
       await this.writeZeroBytes(offset, length);
       return;
     }
-    if (a > offset) await this.writeZeroBytes(offset, a - offset);
-    await this.exclusive(async () => {
-      await this.start();
-      await this.h.onGuestWrite?.(a, b - a);
-      await this.zeroUnits(a, b - a, mayUnmap, false);
-      await this.maybeFlushMetadata();
-    });
-    if (offset + length > b) await this.writeZeroBytes(b, offset + length - b);
+    // As QEMU: the request in (sub)cluster pieces; a partial piece zeroes its whole unit when the
+    // rest of the unit reads as zero already (unallocated without a backing file, or zero), and
+    // is written as zero bytes otherwise. A piece that ends the image counts as whole.
+    const end = offset + length;
+    const pieces: Array<[number, number]> = [];
+    let pos = offset;
+    if (pos % unit) {
+      const e = Math.min(end, Math.ceil(pos / unit) * unit);
+      pieces.push([pos, e]);
+      pos = e;
+    }
+    const midEnd = end === header.size ? end : Math.floor(end / unit) * unit;
+    if (pos < midEnd) {
+      pieces.push([pos, midEnd]);
+      pos = midEnd;
+    }
+    if (pos < end) pieces.push([pos, end]);
+    for (const [from, to] of pieces) {
+      const aligned = from % unit === 0 && (to % unit === 0 || to === header.size);
+      const byteWrite = await this.exclusive(async () => {
+        let zFrom = from;
+        let zTo = to;
+        if (!aligned) {
+          const u = Math.floor(from / unit) * unit;
+          if (!(await this.unitReadsZero(u))) return true;
+          zFrom = u;
+          zTo = Math.min(u + unit, header.size);
+        }
+        await this.start();
+        await this.h.onGuestWrite?.(zFrom, zTo - zFrom);
+        await this.zeroUnits(zFrom, zTo - zFrom, mayUnmap, false);
+        await this.maybeFlushMetadata();
+        return false;
+      });
+      if (byteWrite) await this.writeZeroBytes(from, to - from);
+    }
+  }
+
+  /** Whether the (sub)cluster at `offset` is unallocated without a backing file, or zero. */
+  private async unitReadsZero(offset: number): Promise<boolean> {
+    const { g } = this.h;
+    const l1i = Math.floor(offset / g.l1Coverage);
+    const { hi, lo } = this.tables.l1Entry(l1i);
+    const l2 = entryOffset(hi, lo);
+    if (!l2) return !this.h.hasBacking;
+    const e = await this.tables.getEntry(l2, Math.floor(offset / this.cs) % g.l2Entries);
+    if (e.hi & COMPRESSED_HI) return false;
+    if (g.extendedL2) {
+      const bit = 2 ** Math.floor((offset % this.cs) / g.subclusterSize);
+      if ((e.blo >>> 0) & bit) return false;
+      return ((e.bhi >>> 0) & bit) !== 0 || !this.h.hasBacking;
+    }
+    if (e.lo & 1) return true;
+    return !entryOffset(e.hi, e.lo) && !this.h.hasBacking;
   }
 
   private async writeZeroBytes(offset: number, length: number): Promise<void> {
@@ -501,11 +552,15 @@ export class Qcow2Writer {
     }
   }
 
-  /** Discard whole clusters (partial ones are ignored, as QEMU does). */
+  /**
+   * Discard whole clusters; partial ones are ignored, as QEMU does (also with subclusters), but
+   * for a last partial cluster that ends the image.
+   */
   async discard(offset: number, length: number): Promise<void> {
-    const unit = this.h.g.subclusterSize;
+    const unit = this.cs;
+    const end = offset + length;
     const a = Math.ceil(offset / unit) * unit;
-    const b = Math.floor((offset + length) / unit) * unit;
+    const b = end === this.h.header.size ? end : Math.floor(end / unit) * unit;
     if (a >= b) return;
     await this.exclusive(async () => {
       await this.start();
@@ -562,7 +617,7 @@ export class Qcow2Writer {
           await this.writeRunUnlocked(cStart, buf);
         } else if (whole && (unmap || compressed || !this.tables.inPlace(old))) {
           await this.tables.setEntry(l2, idx, { hi: 0, lo: 0, bhi: 0xffffffff, blo: 0 });
-          this.tables.releaseOld(old);
+          this.tables.releaseOld(old, this.passDiscard && (unmap || discard));
         } else {
           const e = { ...old };
           e.bhi = (e.bhi | mask) >>> 0;
@@ -570,14 +625,15 @@ export class Qcow2Writer {
           await this.tables.setEntry(l2, idx, e);
         }
       } else if (!v3) {
-        // v2 discard: the cluster becomes unallocated.
+        // v2 (discard, or zeroing without a backing file, which QEMU does as a discard): the
+        // cluster becomes unallocated.
         await this.tables.setEntry(l2, idx, { hi: 0, lo: 0, bhi: 0, blo: 0 });
-        this.tables.releaseOld(old);
+        this.tables.releaseOld(old, this.passDiscard);
       } else if (!unmap && this.tables.inPlace(old)) {
         await this.tables.setEntry(l2, idx, { ...old, lo: (old.lo | 1) >>> 0 });
       } else {
         await this.tables.setEntry(l2, idx, { hi: 0, lo: 1, bhi: 0, blo: 0 });
-        this.tables.releaseOld(old);
+        this.tables.releaseOld(old, this.passDiscard && (unmap || discard));
       }
       pos = cEnd;
     }
