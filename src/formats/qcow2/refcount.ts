@@ -506,6 +506,31 @@ export class Refcounts {
     return area.endCluster;
   }
 
+  /**
+   * Take as many free clusters from `cluster` on as there are, up to `n` (QEMU's allocation at a
+   * given offset); returns how many.
+   */
+  async allocateAtMost(cluster: number, n: number): Promise<number> {
+    for (;;) {
+      let k = 0;
+      while (k < n && (await this.get(cluster + k)) === 0) k++;
+      if (k === 0) return 0;
+      // As in allocate(): count in order; a missing block is made once the clusters before it are
+      // counted (so it goes past them), then what was counted is undone and the count starts again.
+      let c = cluster;
+      while (c < cluster + k) {
+        const rt = Math.floor(c / this.entriesPerBlock);
+        if (!(rt < this.table.length && this.table[rt])) break;
+        const segEnd = Math.min(cluster + k, (rt + 1) * this.entriesPerBlock);
+        for (; c < segEnd; c++) await this.update(c, 1);
+      }
+      if (c === cluster + k) return k;
+      await this.createBlock(Math.floor(c / this.entriesPerBlock));
+      for (let j = cluster; j < c; j++) await this.update(j, -1);
+      this.freeHint = Math.min(this.freeHint, cluster);
+    }
+  }
+
   /** Take `n` free clusters from `cluster` on (refcount 1 each; their blocks must exist). */
   async allocateAt(cluster: number, n: number): Promise<void> {
     for (let c = cluster; c < cluster + n; c++) {

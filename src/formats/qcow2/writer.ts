@@ -65,6 +65,8 @@ interface RunPlan {
   olds: Entry[];
   /** New clusters: bytes of the run before `buf` starts (extended L2: unallocated leading subclusters are not written). */
   skip?: number;
+  /** Host offset just past the run's clusters (where QEMU tries to put what follows). */
+  hostEnd: number;
 }
 
 export class Qcow2Writer {
@@ -173,8 +175,10 @@ export class Qcow2Writer {
    */
   async write(offset: number, data: Uint8Array): Promise<void> {
     let pos = 0;
+    let hint: number | undefined;
     while (pos < data.length) {
-      const { plan: plans, done } = await this.planWrite(offset + pos, data.subarray(pos));
+      const { plan: plans, done } = await this.planWrite(offset + pos, data.subarray(pos), hint);
+      hint = plans[plans.length - 1]!.hostEnd;
       const written = await Promise.allSettled(
         plans.map((p) => {
           const skip = p.skip ?? 0;
@@ -209,7 +213,7 @@ export class Qcow2Writer {
   }
 
   /** Phase 1 of a write: wait for a free path, then plan the runs of one piece and register them in flight. */
-  private planWrite(offset: number, data: Uint8Array): Promise<{ plan: RunPlan[]; done: () => void }> {
+  private planWrite(offset: number, data: Uint8Array, hint?: number): Promise<{ plan: RunPlan[]; done: () => void }> {
     const { g } = this.h;
     const cs = this.cs;
     const tableEnd = (Math.floor(offset / g.l1Coverage) + 1) * g.l1Coverage;
@@ -220,7 +224,7 @@ export class Qcow2Writer {
       await this.start();
       const plans: RunPlan[] = [];
       for (let pos = 0; pos < limit; ) {
-        const plan = await this.planRun(offset + pos, data.subarray(pos, limit));
+        const plan = await this.planRun(offset + pos, data.subarray(pos, limit), plans.length ? plans[plans.length - 1]!.hostEnd : hint);
         await this.h.onGuestWrite?.(offset + pos, plan.consumed);
         plans.push(plan);
         pos += plan.consumed;
@@ -239,8 +243,12 @@ export class Qcow2Writer {
     return plan.consumed;
   }
 
-  /** Choose where a prefix of `data` (within one L2 table) goes; copy-on-write if needed. */
-  private async planRun(offset: number, data: Uint8Array): Promise<RunPlan> {
+  /**
+   * Choose where a prefix of `data` (within one L2 table) goes; copy-on-write if needed. New
+   * clusters go first, as QEMU puts them, right after the host clusters of the run before
+   * (`hint`), as many as are free there; else where the allocator finds room.
+   */
+  private async planRun(offset: number, data: Uint8Array, hint?: number): Promise<RunPlan> {
     const { g } = this.h;
     const cs = this.cs;
     const l1i = Math.floor(offset / g.l1Coverage);
@@ -265,6 +273,7 @@ export class Qcow2Writer {
       return {
         consumed: end - offset, buf: buf.data, host: host0 + (buf.start - firstCluster * cs), guest: buf.start,
         l2, idx0, firstCluster, n, inPlace: true, from: buf.start, to: buf.start + buf.data.length, olds: [],
+        hostEnd: host0 + n * cs,
       };
     }
 
@@ -274,6 +283,14 @@ export class Qcow2Writer {
       const e = await this.tables.getEntry(l2, idx0 + olds.length);
       if (this.tables.inPlace(e)) break;
       olds.push(e);
+    }
+    let contiguous: number | undefined;
+    if (!this.dataFile && hint !== undefined && hint % cs === 0) {
+      const k = await this.refcounts.allocateAtMost(hint / cs, olds.length);
+      if (k > 0) {
+        olds.length = k;
+        contiguous = hint;
+      }
     }
     const n = olds.length;
     const end = Math.min(offset + len, (firstCluster + n) * cs);
@@ -303,8 +320,8 @@ export class Qcow2Writer {
         buf = buf.subarray(skip, (n - 1) * cs + (32 - Math.clz32(last)) * sc);
       }
     }
-    const host = this.dataFile ? runStart : await this.refcounts.allocate(n);
-    return { consumed: end - offset, buf, host, guest: runStart, l2, idx0, firstCluster, n, inPlace: false, from: offset, to: end, olds, skip };
+    const host = this.dataFile ? runStart : (contiguous ?? (await this.refcounts.allocate(n)));
+    return { consumed: end - offset, buf, host, guest: runStart, l2, idx0, firstCluster, n, inPlace: false, from: offset, to: end, olds, skip, hostEnd: host + n * cs };
   }
 
   /** Phase 3 of a write (data is written): point the L2 entries at it. */
