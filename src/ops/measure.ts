@@ -6,6 +6,7 @@ import type { BlockDriver } from '../core/block-driver.js';
 import { QcowError } from '../core/errors.js';
 import { alignUp } from '../core/util.js';
 import { dirEntrySize } from '../formats/qcow2/bitmap-directory.js';
+import { refcountMetadataBlocks } from '../formats/qcow2/refcount-area.js';
 
 export interface MeasureTarget {
   format: 'qcow2' | 'raw';
@@ -25,18 +26,8 @@ export interface MeasureResult {
 /** Bytes of refcount table + blocks needed to describe `clusters` clusters (and themselves). */
 export function refcountMetadataSize(clusters: number, clusterSize: number, refcountBits: number): number {
   const perTableCluster = clusterSize / 8;
-  const perBlock = (clusterSize * 8) / refcountBits;
-  let table = 0;
-  let blocks = 0;
-  let n = 0;
-  let last: number;
-  do {
-    last = n;
-    blocks = Math.ceil((clusters + table + blocks) / perBlock);
-    table = Math.ceil(blocks / perTableCluster);
-    n = clusters + blocks + table;
-  } while (n !== last);
-  return (blocks + table) * clusterSize;
+  const blocks = refcountMetadataBlocks(clusters, (clusterSize * 8) / refcountBits, perTableCluster, false);
+  return (blocks + Math.ceil(blocks / perTableCluster)) * clusterSize;
 }
 
 /** Header + L1 + L2 + refcount metadata + data for a fully allocated image of `size` bytes. */

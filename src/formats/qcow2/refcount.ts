@@ -22,6 +22,17 @@ export interface RefcountHost {
   onReftableMoved(offset: number, clusters: number): Promise<void>;
 }
 
+/** Refcount table entries (byte offsets) as stored: big-endian, in a buffer of `bytes` bytes. */
+function encodeTable(entries: readonly number[], bytes: number): Uint8Array {
+  const raw = new Uint8Array(bytes);
+  const dv = new DataView(raw.buffer);
+  for (let i = 0; i < entries.length; i++) {
+    dv.setUint32(i * 8, Math.floor(entries[i]! / 0x100000000));
+    dv.setUint32(i * 8 + 4, entries[i]! >>> 0);
+  }
+  return raw;
+}
+
 export function getRefcount(block: Uint8Array, index: number, order: number): number {
   const bits = 1 << order;
   if (bits < 8) {
@@ -239,14 +250,11 @@ export class Refcounts {
       if (empty) unused.push(rt);
     }
     if (!unused.length) return;
-    const raw = new Uint8Array(this.host.reftableClusters * this.cs);
-    const dv = new DataView(raw.buffer);
     const drop = new Set(unused);
-    for (let i = 0; i < this.table.length; i++) {
-      if (drop.has(i)) continue;
-      dv.setUint32(i * 8, Math.floor(this.table[i]! / 0x100000000));
-      dv.setUint32(i * 8 + 4, this.table[i]! >>> 0);
-    }
+    const raw = encodeTable(
+      this.table.map((off, i) => (drop.has(i) ? 0 : off)),
+      this.host.reftableClusters * this.cs,
+    );
     await this.writeBlocks();
     await this.host.io.write(raw, this.host.reftableOffset);
     await this.host.io.flush();
@@ -349,19 +357,29 @@ export class Refcounts {
   async allocate(n: number): Promise<number> {
     for (;;) {
       const start = await this.findFree(n);
-      let c = start;
-      while (c < start + n) {
-        const rt = Math.floor(c / this.entriesPerBlock);
-        if (!(rt < this.table.length && this.table[rt])) break;
-        const segEnd = Math.min(start + n, (rt + 1) * this.entriesPerBlock);
-        for (; c < segEnd; c++) await this.update(c, 1);
-      }
-      if (c === start + n) return start * this.cs;
-      await this.createBlock(Math.floor(c / this.entriesPerBlock));
-      for (let k = start; k < c; k++) await this.update(k, -1);
-      // ...and the search starts again from the same clusters, which are likely still free.
-      this.freeHint = Math.min(this.freeHint, start);
+      if (await this.countRun(start, n)) return start * this.cs;
     }
+  }
+
+  /**
+   * Refcount +1 for clusters `[start, start+n)`, in order, as QEMU's update_refcount: at the first
+   * one whose refcount block is missing, the block is made (at the free-cluster index, so past
+   * the clusters counted so far), what was counted is undone, the index goes back to `start` (the
+   * clusters are likely still free) and false is returned: the caller searches again.
+   */
+  private async countRun(start: number, n: number): Promise<boolean> {
+    let c = start;
+    while (c < start + n) {
+      const rt = Math.floor(c / this.entriesPerBlock);
+      if (!(rt < this.table.length && this.table[rt])) break;
+      const segEnd = Math.min(start + n, (rt + 1) * this.entriesPerBlock);
+      for (; c < segEnd; c++) await this.update(c, 1);
+    }
+    if (c === start + n) return true;
+    await this.createBlock(Math.floor(c / this.entriesPerBlock));
+    for (let k = start; k < c; k++) await this.update(k, -1);
+    this.freeHint = Math.min(this.freeHint, start);
+    return false;
   }
 
   /** Allocate `size` bytes for compressed data, packing into the current partly used cluster like QEMU. */
@@ -485,12 +503,7 @@ export class Refcounts {
       }
       this.dirtyBlocks.add(off);
     }
-    const raw = new Uint8Array(area.tableClusters * cs);
-    const dv = new DataView(raw.buffer);
-    for (let i = 0; i < this.table.length; i++) {
-      dv.setUint32(i * 8, Math.floor(this.table[i]! / 0x100000000));
-      dv.setUint32(i * 8 + 4, this.table[i]! >>> 0);
-    }
+    const raw = encodeTable(this.table, area.tableClusters * cs);
     const newOffset = area.tableCluster * cs;
     await this.writeBlocks();
     await this.host.io.write(raw, newOffset);
@@ -515,19 +528,7 @@ export class Refcounts {
       let k = 0;
       while (k < n && (await this.get(cluster + k)) === 0) k++;
       if (k === 0) return 0;
-      // As in allocate(): count in order; a missing block is made once the clusters before it are
-      // counted (so it goes past them), then what was counted is undone and the count starts again.
-      let c = cluster;
-      while (c < cluster + k) {
-        const rt = Math.floor(c / this.entriesPerBlock);
-        if (!(rt < this.table.length && this.table[rt])) break;
-        const segEnd = Math.min(cluster + k, (rt + 1) * this.entriesPerBlock);
-        for (; c < segEnd; c++) await this.update(c, 1);
-      }
-      if (c === cluster + k) return k;
-      await this.createBlock(Math.floor(c / this.entriesPerBlock));
-      for (let j = cluster; j < c; j++) await this.update(j, -1);
-      this.freeHint = Math.min(this.freeHint, cluster);
+      if (await this.countRun(cluster, k)) return k;
     }
   }
 

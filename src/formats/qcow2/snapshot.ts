@@ -181,7 +181,7 @@ export class SnapshotOps {
       // Before anything changes: one more reference must fit in every refcount.
       await this.checkOverflow();
       if (drv.header.version < 3) return this.createV2(opts);
-      return this.discardingFreed(async () => {
+      return this.w.discardingFreed(async () => {
         await this.markDirty(true);
         const l1 = drv.activeL1.slice();
         const l1Clusters = Math.max(1, Math.ceil(l1.length / this.cs));
@@ -200,23 +200,6 @@ export class SnapshotOps {
         return entry;
       });
     });
-  }
-
-  /**
-   * Run a v3 snapshot operation; afterwards the clusters it freed are discarded in the file, as
-   * QEMU passes snapshot frees on as discards by default (pass-discard-snapshot).
-   */
-  private async discardingFreed<T>(fn: () => Promise<T>): Promise<T> {
-    const rc = this.w.refcounts;
-    rc.startCollectingFreed();
-    try {
-      const out = await fn();
-      await this.w.flushMetadata();
-      await rc.discardFreed();
-      return out;
-    } finally {
-      rc.stopCollectingFreed();
-    }
   }
 
   private newEntry(opts: SnapshotCreateOptions, l1TableOffset: number, l1Size: number): SnapshotEntry {
@@ -471,7 +454,7 @@ export class SnapshotOps {
       await this.w.start();
       await this.w.flushMetadata();
       if (drv.header.version < 3) return this.replaceV2(sn, 'delete');
-      await this.discardingFreed(async () => {
+      await this.w.discardingFreed(async () => {
         await this.markDirty(true);
         const l1 = await this.readL1(sn.l1TableOffset, sn.l1Size);
         // Drop the entry first: from here the tree is unreferenced, so a crash only leaks.
@@ -495,7 +478,7 @@ export class SnapshotOps {
       await this.w.start();
       await this.w.flushMetadata();
       if (drv.header.version < 3) return this.replaceV2(sn, 'apply');
-      await this.discardingFreed(async () => {
+      await this.w.discardingFreed(async () => {
         await this.markDirty(true);
         const snL1 = await this.readL1(sn.l1TableOffset, sn.l1Size);
         const oldL1 = drv.activeL1.slice();

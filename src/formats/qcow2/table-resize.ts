@@ -30,13 +30,7 @@ export async function emptyActiveState(w: Qcow2Writer): Promise<void> {
     header.cryptMethod !== C.CRYPT_LUKS &&
     !g.dataFile;
   if (!whole) {
-    w.refcounts.startCollectingFreed();
-    try {
-      await dropActiveState(w);
-      await w.refcounts.discardFreed();
-    } finally {
-      w.refcounts.stopCollectingFreed();
-    }
+    await w.discardingFreed(() => dropActiveState(w));
     return;
   }
   const io = w.host.io;
@@ -75,7 +69,7 @@ export async function emptyActiveState(w: Qcow2Writer): Promise<void> {
 
 /**
  * Discard every cluster of the active state, as QEMU's fallback: each L2 entry becomes 0 and its
- * cluster is released; the L2 tables themselves stay.
+ * cluster is released (once the caller flushes); the L2 tables themselves stay.
  */
 export async function dropActiveState(w: Qcow2Writer): Promise<void> {
   const { g } = w.host;
@@ -90,7 +84,6 @@ export async function dropActiveState(w: Qcow2Writer): Promise<void> {
       w.tables.releaseOld(e);
     }
   }
-  await w.flushMetadata();
 }
 
 /**
@@ -126,36 +119,39 @@ export async function resizeTables(w: Qcow2Writer, newSize: number): Promise<Uin
   const needed = Math.ceil(newSize / g.l1Coverage);
   let newL1: Uint8Array | undefined;
   if (newSize < header.size) {
-    w.refcounts.startCollectingFreed();
-    // Drop clusters past the end: whole L2 tables beyond the new end, and entries in the last one.
-    const firstGone = Math.ceil(newSize / cs);
-    const lastCluster = Math.ceil(header.size / cs);
-    for (let c = firstGone; c < lastCluster; ) {
-      const l1i = Math.floor((c * cs) / g.l1Coverage);
-      const { hi, lo } = w.tables.l1Entry(l1i);
-      const l2 = entryOffset(hi, lo);
-      const tableFirst = (l1i * g.l1Coverage) / cs;
-      const tableEnd = tableFirst + g.l2Entries;
-      if (l2 && c === tableFirst) {
-        // Whole table goes: release every cluster it references, then the table.
-        for (let k = 0; k < g.l2Entries; k++) w.tables.releaseOld(await w.tables.getEntry(l2, k));
-        w.tables.setL1Entry(l1i, 0, false);
-        w.host.l2cache.dropTable(l2, cs);
-        w.refcounts.free(l2 / cs);
-      } else if (l2) {
-        const table = await w.tables.writableL2(l1i);
-        for (let k = c - tableFirst; k < g.l2Entries; k++) {
-          const e = await w.tables.getEntry(table, k);
-          if (e.hi || e.lo || e.bhi || e.blo) {
-            await w.tables.setEntry(table, k, { hi: 0, lo: 0, bhi: 0, blo: 0 });
-            w.tables.releaseOld(e);
+    // Drop clusters past the end (whole L2 tables beyond the new end, and entries in the last
+    // one), then refcount blocks that count nothing any more; all freed clusters are discarded.
+    await w.discardingFreed(async () => {
+      const firstGone = Math.ceil(newSize / cs);
+      const lastCluster = Math.ceil(header.size / cs);
+      for (let c = firstGone; c < lastCluster; ) {
+        const l1i = Math.floor((c * cs) / g.l1Coverage);
+        const { hi, lo } = w.tables.l1Entry(l1i);
+        const l2 = entryOffset(hi, lo);
+        const tableFirst = (l1i * g.l1Coverage) / cs;
+        const tableEnd = tableFirst + g.l2Entries;
+        if (l2 && c === tableFirst) {
+          // Whole table goes: release every cluster it references, then the table.
+          for (let k = 0; k < g.l2Entries; k++) w.tables.releaseOld(await w.tables.getEntry(l2, k));
+          w.tables.setL1Entry(l1i, 0, false);
+          w.host.l2cache.dropTable(l2, cs);
+          w.refcounts.free(l2 / cs);
+        } else if (l2) {
+          const table = await w.tables.writableL2(l1i);
+          for (let k = c - tableFirst; k < g.l2Entries; k++) {
+            const e = await w.tables.getEntry(table, k);
+            if (e.hi || e.lo || e.bhi || e.blo) {
+              await w.tables.setEntry(table, k, { hi: 0, lo: 0, bhi: 0, blo: 0 });
+              w.tables.releaseOld(e);
+            }
           }
         }
+        c = tableEnd;
       }
-      c = tableEnd;
-    }
-    await w.flushMetadata();
-    await shrinkFileTail(w);
+      await w.flushMetadata();
+      await w.refcounts.dropUnusedBlocks();
+    });
+    await cutFileTail(w);
   } else if (needed > header.l1Size) {
     await w.flushMetadata();
     newL1 = new Uint8Array(needed * 8);
@@ -170,22 +166,11 @@ export async function resizeTables(w: Qcow2Writer, newSize: number): Promise<Uin
   return newL1;
 }
 
-/**
- * After shrinking, as QEMU does: refcount blocks that count nothing any more are dropped, every
- * cluster freed by the shrink is discarded in the file (QEMU discards them whatever the discard
- * setting), and the file is cut after its last used cluster.
- */
-async function shrinkFileTail(w: Qcow2Writer): Promise<void> {
+/** After shrinking, as QEMU does: the file is cut after its last used cluster. */
+async function cutFileTail(w: Qcow2Writer): Promise<void> {
   const rc = w.refcounts;
   const io = w.host.io;
   const cs = w.host.g.clusterSize;
-  try {
-    await rc.dropUnusedBlocks();
-    await w.flushMetadata();
-    await rc.discardFreed();
-  } finally {
-    rc.stopCollectingFreed();
-  }
   const fileSize = await io.size();
   const last = await rc.lastUsedCluster(Math.ceil(fileSize / cs));
   if ((last + 1) * cs < fileSize) await io.truncate((last + 1) * cs);

@@ -757,6 +757,23 @@ export class Qcow2Writer {
     });
   }
 
+  /**
+   * Run `fn` (under the caller's exclusive access); afterwards the clusters it freed are discarded
+   * in the file, as QEMU does for snapshot operations, shrinking and emptying.
+   */
+  async discardingFreed<T>(fn: () => Promise<T>): Promise<T> {
+    const rc = this.refcounts;
+    rc.startCollectingFreed();
+    try {
+      const out = await fn();
+      await this.flushMetadata();
+      await rc.discardFreed();
+      return out;
+    } finally {
+      rc.stopCollectingFreed();
+    }
+  }
+
   /** Preallocate the clusters of a grown image's new area, as QEMU does (see table-resize.ts). */
   preallocate(oldSize: number, newSize: number, mode: 'falloc' | 'full'): Promise<void> {
     return this.exclusive(async () => {
