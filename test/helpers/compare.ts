@@ -118,3 +118,9 @@ export function expectSameOutcome(ours: RunResult, theirs: RunResult, opts: Outc
     );
   }
 }
+
+/** Our file's bytes are the expected ones (qemu-img's): same length, then every byte. */
+export function expectSameBytes(ours: Uint8Array, expected: Uint8Array): void {
+  expect(ours.length).toBe(expected.length);
+  expect(Buffer.from(ours.buffer, ours.byteOffset, ours.length).equals(expected)).toBe(true);
+}

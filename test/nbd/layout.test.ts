@@ -12,6 +12,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { create } from '../helpers/build.js';
+import { expectSameBytes } from '../helpers/compare.js';
 import { makeTmpDir, prng, removeTmpDir } from '../helpers/files.js';
 import { must, qemuIo } from '../helpers/proc.js';
 import { startServer, stopAll } from './harness.js';
@@ -76,10 +77,7 @@ describe.each([
         await must(qemuIo([...args, s.uri()], { cwd: dir }));
         expect((await s.stop()).code).toBe(0);
       }
-      const a = fs.readFileSync(path.join(dir, 'q.qcow2'));
-      const b = fs.readFileSync(path.join(dir, 'k.qcow2'));
-      expect(b.length).toBe(a.length);
-      expect(b.equals(a)).toBe(true);
+      expectSameBytes(fs.readFileSync(path.join(dir, 'k.qcow2')), fs.readFileSync(path.join(dir, 'q.qcow2')));
     } finally {
       removeTmpDir(dir);
     }
