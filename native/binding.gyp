@@ -13,6 +13,12 @@
       "cflags": ["-Wall", "-Wextra"]
     },
     {
+      "target_name": "qcowkit_writer",
+      "sources": ["writer.c"],
+      "defines": ["NAPI_VERSION=8", "_FILE_OFFSET_BITS=64", "_GNU_SOURCE"],
+      "cflags": ["-Wall", "-Wextra"]
+    },
+    {
       "target_name": "qcowkit_sendfile",
       "sources": ["sendfile.c"],
       "defines": ["NAPI_VERSION=8", "_FILE_OFFSET_BITS=64", "_GNU_SOURCE"],

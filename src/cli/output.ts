@@ -9,7 +9,9 @@ const FLUSH_AT = 64 * 1024;
 export class Output {
   private buf: string[] = [];
   private pending = 0;
-  constructor(private readonly stream: Writable) {}
+  private made?: Writable;
+  /** `stream` may be a function making it at the first flush with text (see processIo). */
+  constructor(private readonly stream: Writable | (() => Writable)) {}
 
   /** Queue text; call `flush()` (or `write` again) to push it out. */
   write(text: string): void {
@@ -28,17 +30,18 @@ export class Output {
     const text = this.buf.join('');
     this.buf = [];
     this.pending = 0;
-    if (!this.stream.write(text)) {
+    const stream = (this.made ??= typeof this.stream === 'function' ? this.stream() : this.stream);
+    if (!stream.write(text)) {
       await new Promise<void>((resolve) => {
         const done = () => {
-          this.stream.off('drain', done);
-          this.stream.off('error', done);
-          this.stream.off('close', done);
+          stream.off('drain', done);
+          stream.off('error', done);
+          stream.off('close', done);
           resolve();
         };
-        this.stream.once('drain', done);
-        this.stream.once('error', done);
-        this.stream.once('close', done);
+        stream.once('drain', done);
+        stream.once('error', done);
+        stream.once('close', done);
       });
     }
   }
@@ -54,7 +57,7 @@ export interface Io {
 
 let pipeGuard = false;
 
-export function processIo(): Io {
+function stdout(): NodeJS.WriteStream {
   if (!pipeGuard) {
     pipeGuard = true;
     // A reader that went away (`qcowkit map img | head`): stop quietly, like a process killed by SIGPIPE.
@@ -63,9 +66,20 @@ export function processIo(): Io {
       throw e;
     });
   }
+  return process.stdout;
+}
+
+/**
+ * The process's streams, made only when first written to: Node builds process.stdout and
+ * process.stderr (and loads the stream modules they need) on first use, ~5 ms of start-up that a
+ * command printing nothing (convert, resize, commit) need not pay.
+ */
+export function processIo(): Io {
   return {
-    out: new Output(process.stdout),
-    err: new Output(process.stderr),
-    isTTY: Boolean(process.stdout.isTTY),
+    out: new Output(stdout),
+    err: new Output(() => process.stderr),
+    get isTTY() {
+      return Boolean(stdout().isTTY);
+    },
   };
 }

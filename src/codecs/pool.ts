@@ -2,7 +2,8 @@
  * A pool of worker threads that compress clusters (one worker per core by default). Callers bound
  * the work in flight (see `inFlightLimit`); each worker handles one job at a time.
  */
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
+import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
 import { QcowError } from '../core/errors.js';
 
@@ -23,6 +24,8 @@ export class CompressPool {
     threads = availableParallelism(),
   ) {
     const url = new URL('./compress-worker.js', import.meta.url);
+    // loaded here, not at start-up: only compressing commands need it (~2 ms to load)
+    const { Worker } = createRequire(import.meta.url)('node:worker_threads') as typeof import('node:worker_threads');
     for (let i = 0; i < Math.max(1, threads); i++) {
       const w = new Worker(url);
       w.on('message', (msg: { id: number; data?: Uint8Array; error?: string }) => {

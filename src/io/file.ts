@@ -2,6 +2,7 @@ import { promises as fsp, constants as fsc, read as fsRead } from 'node:fs';
 import * as path from 'node:path';
 import { writeZeroRange, type ByteIO, type IOProvider } from '../core/byte-io.js';
 import { QcowError } from '../core/errors.js';
+import { FileWriter } from './file-writer.js';
 import { fallocateFile, sparseRuns } from './sparse.js';
 
 /** A file opened with fs.promises: positional reads and writes, no buffering of its own. */
@@ -10,6 +11,8 @@ export class FileIO implements ByteIO {
   readonly readOnly: boolean;
   private fh: fsp.FileHandle;
   private closed = false;
+  /** The file's writer thread, from its first write (null: none to be had, fs writes do). */
+  private writer: FileWriter | null | undefined;
 
   private constructor(name: string, fh: fsp.FileHandle, readOnly: boolean) {
     this.name = name;
@@ -62,6 +65,9 @@ export class FileIO implements ByteIO {
 
   async write(buf: Uint8Array, offset: number): Promise<void> {
     if (this.readOnly) throw new QcowError('EPERM', `Cannot write to read-only file '${this.name}'`);
+    if (this.closed) throw new QcowError('EIO', `Cannot write to closed file '${this.name}'`);
+    if (this.writer === undefined) this.writer = FileWriter.open(this.fh.fd) ?? null;
+    if (this.writer) return this.writer.write(buf, offset);
     let done = 0;
     while (done < buf.length) {
       const { bytesWritten } = await this.fh.write(buf, done, buf.length - done, offset + done);
@@ -80,6 +86,7 @@ export class FileIO implements ByteIO {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.writer?.close();
     await this.fh.close();
   }
 
