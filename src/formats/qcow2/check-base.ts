@@ -3,6 +3,7 @@
  * 64-bit fields as two 32-bit halves (exact where JS numbers are not), printf-style hex, and the
  * packed in-memory refcount array.
  */
+import { be32 } from '../../core/be.js';
 
 // ------------------------------------------------------------------------------------------------
 // Results and failures
@@ -76,9 +77,7 @@ export type CheckLog = (line: string, kind?: 'report' | 'partial') => void;
 const TWO32 = 0x100000000;
 
 /** Big-endian u32 at `p`. */
-export function u32(b: Uint8Array, p: number): number {
-  return ((b[p]! << 24) | (b[p + 1]! << 16) | (b[p + 2]! << 8) | b[p + 3]!) >>> 0;
-}
+export const u32 = be32;
 
 /** (hi & hiMask, lo & loMask) as a number when exact, else as a bigint. */
 export function masked(hi: number, lo: number, hiMask: number, loMask: number): number | bigint {

@@ -35,13 +35,8 @@ export class L2Cache {
   /** The slice starting at host byte offset `sliceOffset` (aligned to sliceBytes). */
   async get(sliceOffset: number): Promise<Uint8Array> {
     for (;;) {
-      const hit = this.slices.get(sliceOffset);
-      if (hit) {
-        // refresh LRU position
-        this.slices.delete(sliceOffset);
-        this.slices.set(sliceOffset, hit);
-        return hit;
-      }
+      const hit = this.getNow(sliceOffset);
+      if (hit) return hit;
       const data = await (this.loading.get(sliceOffset) ?? this.startLoad(sliceOffset));
       if (data) return data;
       // it was part of a read-ahead that failed: now read it as the slice asked for
@@ -85,10 +80,28 @@ export class L2Cache {
     return first!;
   }
 
+  /**
+   * The slice if it is cached (now the most recently used), else undefined, without waiting:
+   * entry-by-entry walks take this path and go to `get` only on a miss.
+   */
+  getNow(sliceOffset: number): Uint8Array | undefined {
+    const hit = this.slices.get(sliceOffset);
+    if (hit && this.mru !== sliceOffset) {
+      this.slices.delete(sliceOffset);
+      this.slices.set(sliceOffset, hit);
+      this.mru = sliceOffset;
+    }
+    return hit;
+  }
+
+  /** The last slice put at the recent end of the LRU order (whose refresh would change nothing). */
+  private mru = -1;
+
   /** Replace (or add) a slice after the writer updated it on disk. */
   insert(sliceOffset: number, data: Uint8Array): void {
     this.slices.delete(sliceOffset);
     this.slices.set(sliceOffset, data);
+    this.mru = sliceOffset;
     if (this.slices.size <= this.maxSlices) return;
     for (const k of this.slices.keys()) {
       if (this.slices.size <= this.maxSlices) break;
@@ -117,11 +130,13 @@ export class L2Cache {
     for (let o = tableOffset; o < tableOffset + clusterSize; o += this.sliceBytes) {
       this.slices.delete(o);
       this.dirty.delete(o);
+      if (o === this.mru) this.mru = -1;
     }
   }
 
   clear(): void {
     this.drops++;
     this.slices.clear();
+    this.mru = -1;
   }
 }

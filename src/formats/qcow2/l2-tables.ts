@@ -4,6 +4,7 @@
  * (allocated, or copied when shared with a snapshot), and releasing the host clusters a replaced
  * entry referenced (the refcount decrement is applied after the new entry is durable).
  */
+import { be32, setBe32 } from '../../core/be.js';
 import { corruption, entryOffset } from './cluster-map.js';
 import type { Refcounts } from './refcount.js';
 import type { WriterHost } from './writer.js';
@@ -18,6 +19,7 @@ export interface Entry {
   bhi: number; // bitmap high word (zero bits)
   blo: number; // bitmap low word (alloc bits)
 }
+
 
 export class L2Tables {
   /** L1 indexes changed in memory and not yet written. */
@@ -59,32 +61,58 @@ export class L2Tables {
     return fresh;
   }
 
-  private async slice(l2: number, index: number): Promise<{ buf: Uint8Array; at: number; sliceOff: number }> {
-    const cache = this.h.l2cache;
-    const eb = this.h.g.entryBytes;
-    const byte = index * eb;
-    const sliceOff = l2 + byte - (byte % cache.sliceBytes);
-    const buf = await cache.get(sliceOff);
-    return { buf, at: byte % cache.sliceBytes, sliceOff };
+  /** Where entry `index` of the L2 table at `l2` lies: its slice's offset and the byte within. */
+  private place(l2: number, index: number): { sliceOff: number; at: number } {
+    const sb = this.h.l2cache.sliceBytes;
+    const byte = index * this.h.g.entryBytes;
+    const at = byte % sb;
+    return { sliceOff: l2 + byte - at, at };
+  }
+
+  private decode(buf: Uint8Array, at: number): Entry {
+    return this.h.g.extendedL2
+      ? { hi: be32(buf, at), lo: be32(buf, at + 4), bhi: be32(buf, at + 8), blo: be32(buf, at + 12) }
+      : { hi: be32(buf, at), lo: be32(buf, at + 4), bhi: 0, blo: 0 };
+  }
+
+  private encode(buf: Uint8Array, at: number, e: Entry): void {
+    setBe32(buf, at, e.hi);
+    setBe32(buf, at + 4, e.lo);
+    if (this.h.g.extendedL2) {
+      setBe32(buf, at + 8, e.bhi);
+      setBe32(buf, at + 12, e.blo);
+    }
+  }
+
+  /**
+   * Entry `index` of the L2 table at `l2` when its slice is cached, else undefined: walks over
+   * many entries take this path and wait (`getEntry`) only on a miss.
+   */
+  entryNow(l2: number, index: number): Entry | undefined {
+    const { sliceOff, at } = this.place(l2, index);
+    const buf = this.h.l2cache.getNow(sliceOff);
+    return buf && this.decode(buf, at);
   }
 
   async getEntry(l2: number, index: number): Promise<Entry> {
-    const { buf, at } = await this.slice(l2, index);
-    const dv = new DataView(buf.buffer, buf.byteOffset + at);
-    return this.h.g.extendedL2
-      ? { hi: dv.getUint32(0), lo: dv.getUint32(4), bhi: dv.getUint32(8), blo: dv.getUint32(12) }
-      : { hi: dv.getUint32(0), lo: dv.getUint32(4), bhi: 0, blo: 0 };
+    const { sliceOff, at } = this.place(l2, index);
+    return this.decode(this.h.l2cache.getNow(sliceOff) ?? (await this.h.l2cache.get(sliceOff)), at);
+  }
+
+  /** Set entry `index` of the L2 table at `l2` if its slice is cached; false (nothing done) if not. */
+  setEntryNow(l2: number, index: number, e: Entry): boolean {
+    const { sliceOff, at } = this.place(l2, index);
+    const buf = this.h.l2cache.getNow(sliceOff);
+    if (!buf) return false;
+    this.encode(buf, at, e);
+    this.h.l2cache.markDirty(sliceOff);
+    return true;
   }
 
   async setEntry(l2: number, index: number, e: Entry): Promise<void> {
-    const { buf, at, sliceOff } = await this.slice(l2, index);
-    const dv = new DataView(buf.buffer, buf.byteOffset + at);
-    dv.setUint32(0, e.hi >>> 0);
-    dv.setUint32(4, e.lo >>> 0);
-    if (this.h.g.extendedL2) {
-      dv.setUint32(8, e.bhi >>> 0);
-      dv.setUint32(12, e.blo >>> 0);
-    }
+    if (this.setEntryNow(l2, index, e)) return;
+    const { sliceOff, at } = this.place(l2, index);
+    this.encode(await this.h.l2cache.get(sliceOff), at, e);
     this.h.l2cache.markDirty(sliceOff);
   }
 

@@ -5,6 +5,7 @@
  * Crash safety: increments may reach the disk early (a crash then leaks), decrements are queued and
  * applied only after the references they drop are durable (see Qcow2Writer.flush).
  */
+import { be32, setBe32 } from '../../core/be.js';
 import { readInto, type ByteIO } from '../../core/byte-io.js';
 import { QcowError } from '../../core/errors.js';
 import { corruption, entryOffset } from './cluster-map.js';
@@ -39,17 +40,18 @@ export function getRefcount(block: Uint8Array, index: number, order: number): nu
     const bitPos = index * bits;
     return (block[bitPos >> 3]! >> (bitPos & 7)) & ((1 << bits) - 1);
   }
+  // big-endian, 1 to 8 bytes (byte arithmetic: this runs per cluster, a DataView each time costs)
   const bytes = bits >> 3;
-  const dv = new DataView(block.buffer, block.byteOffset + index * bytes, bytes);
+  const at = index * bytes;
   switch (bytes) {
     case 1:
-      return dv.getUint8(0);
+      return block[at]!;
     case 2:
-      return dv.getUint16(0);
+      return (block[at]! << 8) | block[at + 1]!;
     case 4:
-      return dv.getUint32(0);
+      return be32(block, at);
     default:
-      return dv.getUint32(0) * 0x100000000 + dv.getUint32(4);
+      return be32(block, at) * 0x100000000 + be32(block, at + 4);
   }
 }
 
@@ -62,22 +64,24 @@ export function setRefcount(block: Uint8Array, index: number, order: number, val
     return;
   }
   const bytes = bits >> 3;
-  const dv = new DataView(block.buffer, block.byteOffset + index * bytes, bytes);
+  const at = index * bytes;
   switch (bytes) {
     case 1:
-      dv.setUint8(0, value);
+      block[at] = value;
       break;
     case 2:
-      dv.setUint16(0, value);
+      block[at] = value >>> 8;
+      block[at + 1] = value;
       break;
     case 4:
-      dv.setUint32(0, value);
+      setBe32(block, at, value);
       break;
     default:
-      dv.setUint32(0, Math.floor(value / 0x100000000));
-      dv.setUint32(4, value >>> 0);
+      setBe32(block, at, Math.floor(value / 0x100000000));
+      setBe32(block, at + 4, value >>> 0);
   }
 }
+
 
 export class Refcounts {
   readonly cs: number;
@@ -150,8 +154,24 @@ export class Refcounts {
   }
 
   async get(cluster: number): Promise<number> {
+    const now = this.getNow(cluster);
+    if (now !== undefined) return now;
     const b = await this.block(Math.floor(cluster / this.entriesPerBlock));
     return b ? getRefcount(b, cluster % this.entriesPerBlock, this.host.refcountOrder) : 0;
+  }
+
+  /** The refcount of `cluster` if its block is cached (or there is none), else undefined. */
+  private getNow(cluster: number): number | undefined {
+    const off = this.table[Math.floor(cluster / this.entriesPerBlock)];
+    if (!off) return 0;
+    const b = this.blocks.get(off);
+    return b && getRefcount(b, cluster % this.entriesPerBlock, this.host.refcountOrder);
+  }
+
+  /** The refcount block of table index `rt` if it is cached, else undefined (none, or not loaded). */
+  private cachedBlock(rt: number): Uint8Array | undefined {
+    const off = this.table[rt];
+    return off ? this.blocks.get(off) : undefined;
   }
 
   /** Clusters in `[0, end)` with a non-zero refcount, counted up to `limit` (then `limit`). */
@@ -171,12 +191,17 @@ export class Refcounts {
   /** Add `delta` to the refcount of `cluster`, creating the refcount block if needed. */
   async update(cluster: number, delta: number): Promise<void> {
     const rt = Math.floor(cluster / this.entriesPerBlock);
-    let b = await this.block(rt);
+    let b = this.cachedBlock(rt) ?? (await this.block(rt));
     if (!b) {
       if (delta < 0) throw corruption(`freeing cluster ${cluster} with refcount 0`);
       await this.createBlock(rt);
       b = (await this.block(rt))!;
     }
+    this.bump(b, rt, cluster, delta);
+  }
+
+  /** Add `delta` to the refcount of `cluster`, in its block `b` (table index `rt`). */
+  private bump(b: Uint8Array, rt: number, cluster: number, delta: number): void {
     const i = cluster % this.entriesPerBlock;
     const v = getRefcount(b, i, this.host.refcountOrder) + delta;
     if (v < 0) throw corruption(`refcount of cluster ${cluster} would drop below 0`);
@@ -335,7 +360,7 @@ export class Refcounts {
         run += take;
         c += take - 1;
       } else {
-        const b = (await this.block(rt))!;
+        const b = this.cachedBlock(rt) ?? (await this.block(rt))!;
         if (getRefcount(b, c % this.entriesPerBlock, this.host.refcountOrder) === 0) {
           if (run === 0) start = c;
           run++;
@@ -373,7 +398,8 @@ export class Refcounts {
       const rt = Math.floor(c / this.entriesPerBlock);
       if (!(rt < this.table.length && this.table[rt])) break;
       const segEnd = Math.min(start + n, (rt + 1) * this.entriesPerBlock);
-      for (; c < segEnd; c++) await this.update(c, 1);
+      const b = this.cachedBlock(rt) ?? (await this.block(rt))!;
+      for (; c < segEnd; c++) this.bump(b, rt, c, 1);
     }
     if (c === start + n) return true;
     await this.createBlock(Math.floor(c / this.entriesPerBlock));
@@ -526,7 +552,7 @@ export class Refcounts {
   async allocateAtMost(cluster: number, n: number): Promise<number> {
     for (;;) {
       let k = 0;
-      while (k < n && (await this.get(cluster + k)) === 0) k++;
+      while (k < n && (this.getNow(cluster + k) ?? (await this.get(cluster + k))) === 0) k++;
       if (k === 0) return 0;
       if (await this.countRun(cluster, k)) return k;
     }

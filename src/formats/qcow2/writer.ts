@@ -264,7 +264,7 @@ export class Qcow2Writer {
       const host0 = this.dataFile ? firstCluster * cs : this.tables.hostOf(e0);
       let n = 1;
       while ((firstCluster + n) * cs < offset + len) {
-        const e = await this.tables.getEntry(l2, idx0 + n);
+        const e = this.tables.entryNow(l2, idx0 + n) ?? (await this.tables.getEntry(l2, idx0 + n));
         if (!this.tables.inPlace(e) || (this.dataFile ? false : this.tables.hostOf(e) !== host0 + n * cs)) break;
         n++;
       }
@@ -280,7 +280,7 @@ export class Qcow2Writer {
     // Clusters that need a new host cluster: batch consecutive ones.
     const olds: Entry[] = [e0];
     while ((firstCluster + olds.length) * cs < offset + len) {
-      const e = await this.tables.getEntry(l2, idx0 + olds.length);
+      const e = this.tables.entryNow(l2, idx0 + olds.length) ?? (await this.tables.getEntry(l2, idx0 + olds.length));
       if (this.tables.inPlace(e)) break;
       olds.push(e);
     }
@@ -342,7 +342,7 @@ export class Qcow2Writer {
         e.blo = alloc;
         e.bhi = zero;
       }
-      await this.tables.setEntry(p.l2, p.idx0 + k, e);
+      if (!this.tables.setEntryNow(p.l2, p.idx0 + k, e)) await this.tables.setEntry(p.l2, p.idx0 + k, e);
       this.tables.releaseOld(old);
     }
   }
