@@ -13,9 +13,12 @@
  */
 import { registerNodeCodecs } from './codecs/node.js';
 import { registerNodeCrypto } from './codecs/crypto-node.js';
+import { nativeZeroRuns } from './io/sparse.js';
+import { setZeroRunScan } from './ops/bytes.js';
 
 registerNodeCodecs();
 registerNodeCrypto();
+setZeroRunScan(nativeZeroRuns);
 
 // contracts
 export type { BlockDriver, DriverInfo, Extent, ExtentKind, OpenOptions, SnapshotInfo } from './core/block-driver.js';

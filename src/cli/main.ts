@@ -4,6 +4,8 @@
  */
 import { setCodecs, type Codecs } from '../codecs/registry.js';
 import { QcowError } from '../core/errors.js';
+import { nativeZeroRuns } from '../io/sparse.js';
+import { setZeroRunScan } from '../ops/bytes.js';
 import { CliError, HelpRequested, UsageError, messageOf } from './errors.js';
 import { getopt } from './getopt.js';
 import { helpText, versionText } from './help.js';
@@ -85,6 +87,7 @@ const lazyCodecs: Codecs = {
 
 export async function main(argv: string[], io: Io = processIo()): Promise<number> {
   if (!nodeCodecs) setCodecs(lazyCodecs);
+  setZeroRunScan(nativeZeroRuns);
   // The crypto primitives (node:crypto, also a few ms to load) serve encrypted images only, and
   // those are opened (or created) only with a key, which comes from an `--object secret,...`.
   if (argv.some((a) => a.includes('secret'))) (await import('../codecs/crypto-node.js')).registerNodeCrypto();

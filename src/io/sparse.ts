@@ -7,6 +7,7 @@
  * SEEK_DATA, everything here quietly answers undefined.
  */
 import { createRequire } from 'node:module';
+import type { ZeroRunScan } from '../ops/bytes.js';
 
 interface SparseAddon {
   /** lseek(fd, offset, whence); -1 on ENXIO, throws (with `code`) on any other error. */
@@ -24,21 +25,35 @@ export const MAX_RUNS = 1024;
 const UNSUPPORTED = new Set(['EINVAL', 'ENOTSUP', 'EOPNOTSUPP', 'ENOSYS', 'ESPIPE']);
 
 let addon: SparseAddon | null | undefined;
+let addonModule: (Partial<SparseAddon> & { zeroRuns?: ZeroRunScan }) | null | undefined;
+
+function loadModule(): typeof addonModule {
+  if (addonModule !== undefined) return addonModule;
+  addonModule = null;
+  try {
+    // Compiled to dist/io/sparse.js; the addon is at <package>/native/build/Release/.
+    const require = createRequire(import.meta.url);
+    addonModule = require('../../native/build/Release/qcowkit_sparse.node') as typeof addonModule;
+  } catch {
+    // not built, or built for another platform: no sparse support
+  }
+  return addonModule;
+}
 
 function loadAddon(): SparseAddon | null {
   if (addon !== undefined) return addon;
   addon = null;
-  try {
-    // Compiled to dist/io/sparse.js; the addon is at <package>/native/build/Release/.
-    const require = createRequire(import.meta.url);
-    const mod = require('../../native/build/Release/qcowkit_sparse.node') as Partial<SparseAddon>;
-    if (typeof mod.seek === 'function' && typeof mod.SEEK_DATA === 'number' && typeof mod.SEEK_HOLE === 'number') {
-      addon = mod as SparseAddon;
-    }
-  } catch {
-    // not built, or built for another platform: no sparse support
+  const mod = loadModule();
+  if (mod && typeof mod.seek === 'function' && typeof mod.SEEK_DATA === 'number' && typeof mod.SEEK_HOLE === 'number') {
+    addon = mod as SparseAddon;
   }
   return addon;
+}
+
+/** The addon's zero-run scan (convert's zero detection in native code), where it is built. */
+export function nativeZeroRuns(): ZeroRunScan | undefined {
+  const f = loadModule()?.zeroRuns;
+  return typeof f === 'function' ? f : undefined;
 }
 
 /** Whether the native SEEK_DATA/SEEK_HOLE addon is loaded (the file system may still not support it). */

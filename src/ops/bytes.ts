@@ -52,29 +52,101 @@ function isZeroLoop(buf: Uint8Array, s: number, e: number): boolean {
 }
 
 /**
- * Per-sector zero test over a buffer, cheap for data: most data sectors have a non-zero first
- * word, so only sectors starting with zeros are scanned fully.
+ * Split a buffer's 512-byte sectors (the last one may be shorter) into alternating run lengths,
+ * in sectors: data, zero, data, ... (the first may be 0). Stores them in `out` (room for
+ * sectors + 1) and returns how many. Node installs a native one (setZeroRunScan).
  */
+export type ZeroRunScan = (buf: Uint8Array, out: Uint32Array) => number;
+
+/** The portable scan: most data sectors have a non-zero first word, so they cost one read. */
+export const zeroRunsJs: ZeroRunScan = (buf, out) => {
+  const sectors = Math.ceil(buf.length / SECTOR);
+  const words = buf.byteOffset % 4 === 0 ? new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2) : undefined;
+  let count = 0;
+  let zero = false;
+  let run = 0;
+  for (let i = 0; i < sectors; i++) {
+    const start = i * SECTOR;
+    const end = Math.min(start + SECTOR, buf.length);
+    let z = true;
+    if (words && end - start === SECTOR) {
+      for (let k = start >>> 2, kEnd = k + SECTOR / 4; k < kEnd; k++) {
+        if (words[k] !== 0) {
+          z = false;
+          break;
+        }
+      }
+    } else {
+      for (let j = start; j < end; j++) {
+        if (buf[j] !== 0) {
+          z = false;
+          break;
+        }
+      }
+    }
+    if (z !== zero) {
+      out[count++] = run;
+      run = 0;
+      zero = z;
+    }
+    run++;
+  }
+  out[count++] = run;
+  return count;
+};
+
+let zeroRunScan: ZeroRunScan = zeroRunsJs;
+let zeroRunProvider: (() => ZeroRunScan | undefined) | undefined;
+
+/**
+ * Install a faster zero-run scan, asked for on first use (so that loading it costs nothing to
+ * commands that never scan); undefined from the provider keeps the portable one.
+ */
+export function setZeroRunScan(provider: () => ZeroRunScan | undefined): void {
+  zeroRunProvider = provider;
+}
+
+function currentZeroRunScan(): ZeroRunScan {
+  if (zeroRunProvider) {
+    const p = zeroRunProvider;
+    zeroRunProvider = undefined;
+    try {
+      zeroRunScan = p() ?? zeroRunsJs;
+    } catch {
+      zeroRunScan = zeroRunsJs;
+    }
+  }
+  return zeroRunScan;
+}
+
+let scratch = new Uint32Array(0);
+
+/** A buffer's sectors as runs of data and of zeros, walked from the start (see `run`). */
 export class SectorScanner {
-  private words: Uint32Array | undefined;
-  constructor(private readonly buf: Uint8Array) {
-    if (buf.byteOffset % 4 === 0) this.words = new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2);
+  private readonly runs: Uint32Array;
+  /** Cursor: index of a run and its first sector (calls mostly move forward). */
+  private ri = 0;
+  private riStart = 0;
+
+  constructor(buf: Uint8Array) {
+    const need = Math.ceil(buf.length / SECTOR) + 1;
+    if (scratch.length < need) scratch = new Uint32Array(need);
+    const n = currentZeroRunScan()(buf, scratch);
+    this.runs = scratch.slice(0, n);
   }
 
-  /** Whether sector `i` (bytes [512i, 512i+512) clipped to the buffer) is all zeros. */
-  isZero(i: number): boolean {
-    const start = i * SECTOR;
-    const end = Math.min(start + SECTOR, this.buf.length);
-    const w = this.words;
-    if (w && end - start === SECTOR) {
-      let k = start >>> 2;
-      const kEnd = k + SECTOR / 4;
-      if (w[k] !== 0) return false;
-      for (; k < kEnd; k++) if (w[k] !== 0) return false;
-      return true;
+  /** From sector `from`: whether it is all zeros, and how many sectors (at most `n`) are alike. */
+  run(from: number, n: number): { zero: boolean; count: number } {
+    const runs = this.runs;
+    if (from < this.riStart) {
+      this.ri = 0;
+      this.riStart = 0;
     }
-    for (let j = start; j < end; j++) if (this.buf[j] !== 0) return false;
-    return true;
+    while (this.riStart + runs[this.ri]! <= from) {
+      this.riStart += runs[this.ri]!;
+      if (++this.ri >= runs.length) throw new RangeError(`sector ${from} is past the buffer`);
+    }
+    return { zero: (this.ri & 1) === 1, count: Math.min(n, this.riStart + runs[this.ri]! - from) };
   }
 }
 

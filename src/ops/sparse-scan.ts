@@ -16,9 +16,8 @@ export interface Run {
 
 /** The leading run of sectors `[from, from+n)` with the same zero-ness, end aligned to 4 KiB. */
 function leadingRun(scan: SectorScanner, from: number, n: number, targetSector: number, align: number): { data: boolean; count: number } {
-  const firstZero = scan.isZero(from);
-  let i = 1;
-  while (i < n && scan.isZero(from + i) === firstZero) i++;
+  const { zero: firstZero, count } = scan.run(from, n);
+  let i = count;
   if (i === n) return { data: !firstZero, count: n };
   let zero = firstZero;
   const tail = (targetSector + i) % align;
