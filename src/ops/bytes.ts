@@ -1,55 +1,11 @@
 /**
- * Fast byte scans for compare/convert: equality, first difference, zero detection by 512-byte
- * sector. Uses the host's native Buffer (memcmp) when there is one, plain loops elsewhere.
+ * Byte work for compare/convert: zero detection by 512-byte sector, I/O buffers; equality and
+ * first difference (core/byte-scan.ts).
  */
 
 export const SECTOR = 512;
 
-interface NativeBuffer {
-  equals(other: NativeBuffer): boolean;
-}
-interface NativeBufferCtor {
-  from(buf: ArrayBufferLike, byteOffset: number, length: number): NativeBuffer;
-}
-
-const Native: NativeBufferCtor | undefined = (globalThis as unknown as { Buffer?: NativeBufferCtor }).Buffer;
-const BLOCK = 64 * 1024;
-const ZEROS = new Uint8Array(BLOCK);
-
-function view(a: Uint8Array, start: number, end: number): NativeBuffer {
-  return Native!.from(a.buffer, a.byteOffset + start, end - start);
-}
-
-function rangeEqual(a: Uint8Array, b: Uint8Array, start: number, end: number): boolean {
-  if (Native) return view(a, start, end).equals(view(b, start, end));
-  for (let i = start; i < end; i++) if (a[i] !== b[i]) return false;
-  return true;
-}
-
-/** Index of the first byte where `a` and `b` differ (over `length` bytes), or -1. */
-export function firstDifference(a: Uint8Array, b: Uint8Array, length = Math.min(a.length, b.length)): number {
-  for (let s = 0; s < length; s += BLOCK) {
-    const e = Math.min(length, s + BLOCK);
-    if (rangeEqual(a, b, s, e)) continue;
-    for (let i = s; i < e; i++) if (a[i] !== b[i]) return i;
-  }
-  return -1;
-}
-
-/** Index of the first non-zero byte of `buf[0, length)`, or -1. */
-export function firstNonZero(buf: Uint8Array, length = buf.length): number {
-  for (let s = 0; s < length; s += BLOCK) {
-    const e = Math.min(length, s + BLOCK);
-    if (Native ? view(buf, s, e).equals(view(ZEROS, 0, e - s)) : isZeroLoop(buf, s, e)) continue;
-    for (let i = s; i < e; i++) if (buf[i] !== 0) return i;
-  }
-  return -1;
-}
-
-function isZeroLoop(buf: Uint8Array, s: number, e: number): boolean {
-  for (let i = s; i < e; i++) if (buf[i] !== 0) return false;
-  return true;
-}
+export { firstDifference, firstNonZero } from '../core/byte-scan.js';
 
 /**
  * Split a buffer's 512-byte sectors (the last one may be shorter) into alternating run lengths,

@@ -12,6 +12,7 @@
  * everything else a hole. The allocation behaviour was worked out by creating images with
  * qemu-img and reading them back (see /work/shared/qcow-notes.md §1, §2, §9).
  */
+import { firstNonZero, lastNonZero } from '../../core/byte-scan.js';
 import { writeZeroRange, type ByteIO } from '../../core/byte-io.js';
 import { QcowError } from '../../core/errors.js';
 import * as C from './constants.js';
@@ -596,11 +597,9 @@ interface Segment {
 
 function trimZeros(seg: Segment): Segment | undefined {
   const d = seg.data;
-  let a = 0;
-  while (a < d.length && d[a] === 0) a++;
-  if (a === d.length) return undefined;
-  let b = d.length;
-  while (b > a && d[b - 1] === 0) b--;
+  const a = firstNonZero(d);
+  if (a < 0) return undefined;
+  const b = lastNonZero(d) + 1;
   return { offset: seg.offset + a, data: d.subarray(a, b) };
 }
 
