@@ -23,6 +23,12 @@
  *     which must hold at least sectors + 1. A data sector usually shows itself in its first
  *     bytes, so this costs little more than a pass over the zero sectors (convert's zero
  *     detection, qemu-img's rules applied on these runs in JavaScript).
+ *
+ *   readScan(fd, bytes: Uint8Array, offset, runs: Uint32Array) -> Promise<number>
+ *     pread(2) of all of `bytes` at `offset` (to end of file; the rest of `bytes` is zeroed), then
+ *     zeroRuns of it into `runs` from index 1, with their count in runs[0] (room: sectors + 2),
+ *     on the libuv thread pool: the scan runs where the data was just copied, off the main
+ *     thread. Resolves with the bytes read; rejects with an Error whose `code` is the errno name.
  */
 #include <node_api.h>
 #include <errno.h>
@@ -60,34 +66,9 @@ static int sector_is_zero(const uint8_t *p, size_t n) {
   return 1;
 }
 
-static napi_value zero_runs(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2];
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 2) {
-    napi_throw_type_error(env, NULL, "zeroRuns(bytes, out): two arguments expected");
-    return NULL;
-  }
-  napi_typedarray_type t1, t2;
-  size_t len, outLen, off;
-  void *data, *outData;
-  napi_value ab;
-  bool is1 = false, is2 = false;
-  napi_is_typedarray(env, argv[0], &is1);
-  napi_is_typedarray(env, argv[1], &is2);
-  if (!is1 || !is2 || napi_get_typedarray_info(env, argv[0], &t1, &len, &data, &ab, &off) != napi_ok ||
-      napi_get_typedarray_info(env, argv[1], &t2, &outLen, &outData, &ab, &off) != napi_ok ||
-      t1 != napi_uint8_array || t2 != napi_uint32_array) {
-    napi_throw_type_error(env, NULL, "zeroRuns(bytes, out): a Uint8Array and a Uint32Array expected");
-    return NULL;
-  }
-  size_t sectors = (len + 511) / 512;
-  if (outLen < sectors + 1) {
-    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "zeroRuns: out must hold sectors + 1 entries");
-    return NULL;
-  }
-  const uint8_t *p = data;
-  uint32_t *out = outData;
-  size_t count = 0;
+/* The runs of `len` bytes (see zeroRuns) into `out`; returns how many. */
+static size_t count_runs(const uint8_t *p, size_t len, uint32_t *out) {
+  size_t sectors = (len + 511) / 512, count = 0;
   int zero = 0; /* kind of the current run; the first run is data (maybe empty) */
   uint32_t run = 0;
   for (size_t s = 0; s < sectors; s++) {
@@ -102,8 +83,43 @@ static napi_value zero_runs(napi_env env, napi_callback_info info) {
     run++;
   }
   out[count++] = run;
+  return count;
+}
+
+/* A Uint8Array and a Uint32Array argument; false (with a JS exception) if not. */
+static bool bytes_and_runs(napi_env env, napi_value a, napi_value b, uint8_t **data, size_t *len, uint32_t **out, size_t *outLen) {
+  napi_typedarray_type t1, t2;
+  size_t off;
+  napi_value ab;
+  bool is1 = false, is2 = false;
+  napi_is_typedarray(env, a, &is1);
+  napi_is_typedarray(env, b, &is2);
+  if (!is1 || !is2 || napi_get_typedarray_info(env, a, &t1, len, (void **)data, &ab, &off) != napi_ok ||
+      napi_get_typedarray_info(env, b, &t2, outLen, (void **)out, &ab, &off) != napi_ok ||
+      t1 != napi_uint8_array || t2 != napi_uint32_array) {
+    napi_throw_type_error(env, NULL, "a Uint8Array and a Uint32Array expected");
+    return false;
+  }
+  return true;
+}
+
+static napi_value zero_runs(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 2) {
+    napi_throw_type_error(env, NULL, "zeroRuns(bytes, out): two arguments expected");
+    return NULL;
+  }
+  uint8_t *data;
+  uint32_t *out;
+  size_t len, outLen;
+  if (!bytes_and_runs(env, argv[0], argv[1], &data, &len, &out, &outLen)) return NULL;
+  if (outLen < (len + 511) / 512 + 1) {
+    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "zeroRuns: out must hold sectors + 1 entries");
+    return NULL;
+  }
   napi_value result;
-  napi_create_uint32(env, (uint32_t)count, &result);
+  napi_create_uint32(env, (uint32_t)count_runs(data, len, out), &result);
   return result;
 }
 
@@ -257,8 +273,112 @@ static napi_value do_fallocate(napi_env env, napi_callback_info info) {
 }
 #endif
 
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  napi_ref bytes_ref, runs_ref;
+  int fd, err;
+  int64_t offset;
+  uint8_t *data;
+  size_t len, got;
+  uint32_t *runs;
+} read_scan_job;
+
+static void read_scan_execute(napi_env env, void *arg) {
+  (void)env;
+  read_scan_job *j = arg;
+  while (j->got < j->len) {
+    ssize_t n = pread(j->fd, j->data + j->got, j->len - j->got, (off_t)(j->offset + (int64_t)j->got));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      j->err = errno;
+      return;
+    }
+    if (n == 0) break;
+    j->got += (size_t)n;
+  }
+  memset(j->data + j->got, 0, j->len - j->got);
+  j->runs[0] = (uint32_t)count_runs(j->data, j->len, j->runs + 1);
+}
+
+static void read_scan_complete(napi_env env, napi_status status, void *arg) {
+  read_scan_job *j = arg;
+  napi_value v;
+  if (status == napi_ok && j->err == 0) {
+    napi_create_double(env, (double)j->got, &v);
+    napi_resolve_deferred(env, j->deferred, v);
+  } else {
+    int e = status == napi_ok ? j->err : EIO;
+    napi_value m, c;
+    napi_create_string_utf8(env, strerror(e), NAPI_AUTO_LENGTH, &m);
+    napi_create_string_utf8(env, errno_code(e), NAPI_AUTO_LENGTH, &c);
+    napi_create_error(env, c, m, &v);
+    napi_reject_deferred(env, j->deferred, v);
+  }
+  napi_delete_reference(env, j->bytes_ref);
+  napi_delete_reference(env, j->runs_ref);
+  napi_delete_async_work(env, j->work);
+  free(j);
+}
+
+static napi_value read_scan(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t fd;
+  int64_t offset;
+  uint8_t *data;
+  uint32_t *runs;
+  size_t len, runsLen;
+  if (argc != 4 || napi_get_value_int32(env, argv[0], &fd) != napi_ok || fd < 0 ||
+      napi_get_value_int64(env, argv[2], &offset) != napi_ok || offset < 0) {
+    napi_throw_type_error(env, NULL, "readScan(fd, bytes, offset, runs): bad arguments");
+    return NULL;
+  }
+  if (!bytes_and_runs(env, argv[1], argv[3], &data, &len, &runs, &runsLen)) return NULL;
+  if (runsLen < (len + 511) / 512 + 2) {
+    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", "readScan: runs must hold sectors + 2 entries");
+    return NULL;
+  }
+  read_scan_job *j = calloc(1, sizeof *j);
+  if (!j) {
+    napi_throw_error(env, "ENOMEM", "readScan: out of memory");
+    return NULL;
+  }
+  j->fd = fd;
+  j->offset = offset;
+  j->data = data;
+  j->len = len;
+  j->runs = runs;
+  napi_value promise, name;
+  if (napi_create_reference(env, argv[1], 1, &j->bytes_ref) != napi_ok) {
+    free(j);
+    napi_throw_error(env, NULL, "readScan: could not hold the buffer");
+    return NULL;
+  }
+  if (napi_create_reference(env, argv[3], 1, &j->runs_ref) != napi_ok) {
+    napi_delete_reference(env, j->bytes_ref);
+    free(j);
+    napi_throw_error(env, NULL, "readScan: could not hold the buffer");
+    return NULL;
+  }
+  if (napi_create_promise(env, &j->deferred, &promise) != napi_ok ||
+      napi_create_string_utf8(env, "qcowkit_read_scan", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_async_work(env, NULL, name, read_scan_execute, read_scan_complete, j, &j->work) != napi_ok ||
+      napi_queue_async_work(env, j->work) != napi_ok) {
+    napi_delete_reference(env, j->bytes_ref);
+    napi_delete_reference(env, j->runs_ref);
+    free(j);
+    napi_throw_error(env, NULL, "readScan: could not queue the request");
+    return NULL;
+  }
+  return promise;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_value fn, v;
+  CHECK(napi_create_function(env, "readScan", NAPI_AUTO_LENGTH, read_scan, NULL, &fn));
+  CHECK(napi_set_named_property(env, exports, "readScan", fn));
   CHECK(napi_create_function(env, "zeroRuns", NAPI_AUTO_LENGTH, zero_runs, NULL, &fn));
   CHECK(napi_set_named_property(env, exports, "zeroRuns", fn));
   CHECK(napi_create_function(env, "seek", NAPI_AUTO_LENGTH, seek, NULL, &fn));

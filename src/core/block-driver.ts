@@ -63,6 +63,13 @@ export interface BlockDriver {
   read(offset: number, length: number): Promise<Uint8Array>;
   /** Read into a caller buffer (avoids an allocation on hot paths). */
   readInto(buf: Uint8Array, offset: number): Promise<void>;
+  /**
+   * Optional: readInto that may also describe the 512-byte sectors of `buf` as runs of data and
+   * of zeros (done where the bytes were read, off the main thread): `runs[0]` is then their count
+   * and `runs[1..]` their lengths in sectors, data first (maybe 0), alternating; `runs` holds
+   * sectors + 2 entries. `runs[0]` is 0 when they were not made.
+   */
+  readIntoScanned?(buf: Uint8Array, offset: number, runs: Uint32Array): Promise<void>;
   write(offset: number, data: Uint8Array): Promise<void>;
   writeZeroes(offset: number, length: number, opts?: { mayUnmap?: boolean }): Promise<void>;
   discard(offset: number, length: number): Promise<void>;

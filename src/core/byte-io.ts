@@ -13,6 +13,12 @@ export interface ByteIO {
    * `buf.length` only at end of file. Never reads past the end.
    */
   read(buf: Uint8Array, offset: number): Promise<number>;
+  /**
+   * Optional: like `read`, but fills all of `buf` (zeros past the end of file) and may describe
+   * its sectors as data/zero runs into `runs` (see BlockDriver.readIntoScanned; `runs[0]` is 0
+   * when it did not). Returns the bytes read from the file.
+   */
+  readScanned?(buf: Uint8Array, offset: number, runs: Uint32Array): Promise<number>;
   /** Positional write of the whole buffer. */
   write(buf: Uint8Array, offset: number): Promise<void>;
   /** Make every completed write durable. */

@@ -3,7 +3,7 @@ import * as path from 'node:path';
 import { writeZeroRange, type ByteIO, type IOProvider } from '../core/byte-io.js';
 import { QcowError } from '../core/errors.js';
 import { FileWriter } from './file-writer.js';
-import { fallocateFile, sparseRuns } from './sparse.js';
+import { fallocateFile, nativeReadScan, sparseRuns } from './sparse.js';
 
 /** A file opened with fs.promises: positional reads and writes, no buffering of its own. */
 export class FileIO implements ByteIO {
@@ -61,6 +61,21 @@ export class FileIO implements ByteIO {
     return new Promise((resolve, reject) => {
       fsRead(this.fh.fd, buf, 0, buf.length, offset, (err, n) => (err ? reject(err) : resolve(n)));
     });
+  }
+
+  /** Read all of `buf` (zeros past the end), its zero runs made on the thread pool where possible. */
+  async readScanned(buf: Uint8Array, offset: number, runs: Uint32Array): Promise<number> {
+    runs[0] = 0;
+    const scan = nativeReadScan();
+    if (scan) return scan(this.fh.fd, buf, offset, runs);
+    let done = 0;
+    while (done < buf.length) {
+      const n = await this.read(done ? buf.subarray(done) : buf, offset + done);
+      if (n <= 0) break;
+      done += n;
+    }
+    buf.fill(0, done);
+    return done;
   }
 
   async write(buf: Uint8Array, offset: number): Promise<void> {

@@ -50,6 +50,14 @@ function loadAddon(): SparseAddon | null {
   return addon;
 }
 
+type ReadScan = (fd: number, buf: Uint8Array, offset: number, runs: Uint32Array) => Promise<number>;
+
+/** The addon's read-and-scan (ByteIO.readScanned on the thread pool), where it is built. */
+export function nativeReadScan(): ReadScan | undefined {
+  const f = (loadModule() as { readScan?: unknown } | null)?.readScan;
+  return typeof f === 'function' ? (f as ReadScan) : undefined;
+}
+
 /** The addon's zero-run scan (convert's zero detection in native code), where it is built. */
 export function nativeZeroRuns(): ZeroRunScan | undefined {
   const f = loadModule()?.zeroRuns;

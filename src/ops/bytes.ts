@@ -77,6 +77,30 @@ function currentZeroRunScan(): ZeroRunScan {
 
 let scratch = new Uint32Array(0);
 
+/**
+ * The runs of sectors `[from, from + sectors)` of a buffer whose runs were made whole, as a read
+ * that scanned left them (`scanned[0]` their count, `scanned[1..]` the runs, data first):
+ * alternating again, data first (maybe 0).
+ */
+export function sliceRuns(scanned: Uint32Array, from: number, sectors: number): Uint32Array {
+  const out: number[] = [];
+  const end = from + sectors;
+  let pos = 0;
+  for (let i = 0; i < scanned[0]! && pos < end; i++) {
+    const len = scanned[1 + i]!;
+    const a = Math.max(pos, from);
+    const b = Math.min(pos + len, end);
+    pos += len;
+    if (b <= a) continue;
+    const zero = i % 2 === 1;
+    if (out.length === 0 && zero) out.push(0);
+    if (out.length % 2 === (zero ? 1 : 0)) out.push(b - a);
+    else out[out.length - 1]! += b - a;
+  }
+  if (pos < end) throw new RangeError(`sectors ${from}+${sectors} are past the scanned ones`);
+  return Uint32Array.from(out.length ? out : [0]);
+}
+
 /** A buffer's sectors as runs of data and of zeros, walked from the start (see `run`). */
 export class SectorScanner {
   private readonly runs: Uint32Array;
@@ -84,7 +108,12 @@ export class SectorScanner {
   private ri = 0;
   private riStart = 0;
 
-  constructor(buf: Uint8Array) {
+  /** `runs`: the buffer's runs made already (by a read that scanned, see sliceRuns). */
+  constructor(buf: Uint8Array, runs?: Uint32Array) {
+    if (runs) {
+      this.runs = runs;
+      return;
+    }
     const need = Math.ceil(buf.length / SECTOR) + 1;
     if (scratch.length < need) scratch = new Uint32Array(need);
     const n = currentZeroRunScan()(buf, scratch);

@@ -6,7 +6,7 @@
  */
 import type { BlockDriver, Extent } from '../core/block-driver.js';
 import { alignUp } from '../core/util.js';
-import { SECTOR, allocIoBuffer } from './bytes.js';
+import { SECTOR, allocIoBuffer, sliceRuns } from './bytes.js';
 import type { ProgressFn } from './progress.js';
 import { sparseRuns } from './sparse-scan.js';
 
@@ -194,6 +194,8 @@ export async function convertImages(sources: readonly BlockDriver[], target: Con
   const gate = target.ordered ? new TurnGate() : undefined;
   const worker = async () => {
     let buf: Uint8Array | undefined;
+    // the zero runs of a chunk, when the source makes them as it reads (readIntoScanned)
+    let scanned: Uint32Array | undefined;
     for (;;) {
       if (failed) return;
       const step = await tasks.next();
@@ -210,14 +212,16 @@ export async function convertImages(sources: readonly BlockDriver[], target: Con
           buf ??= allocIoBuffer(readSize);
           const chunk = buf.subarray(0, t.length);
           const readable = Math.min(t.length, t.src.size - t.from);
+          const scan = readable === t.length && minSparse > 0 && t.src.readIntoScanned ? (scanned ??= new Uint32Array(readSize / SECTOR + 2)) : undefined;
           try {
-            await t.src.readInto(readable === t.length ? chunk : chunk.subarray(0, readable), t.from);
+            if (scan) await t.src.readIntoScanned!(chunk, t.from, scan);
+            else await t.src.readInto(readable === t.length ? chunk : chunk.subarray(0, readable), t.from);
           } catch (e) {
             throw new ConvertFailure('read', `error while reading at byte ${t.to}: ${why(e)}`);
           }
           if (readable < t.length) chunk.fill(0, readable);
           await gate?.turn(id);
-          writes = writeChunk(target, chunk, t.to, t.unit, minSparse, skipZero);
+          writes = writeChunk(target, chunk, t.to, t.unit, minSparse, skipZero, scan?.[0] ? scan : undefined);
         }
       } finally {
         gate?.pass(id);
@@ -273,7 +277,15 @@ class InOrderProgress {
  * are found unit by unit (qemu-img's requests: where holes fall depends on them), then adjacent
  * runs of the same kind go out as one request.
  */
-function writeChunk(target: ConvertTarget, chunk: Uint8Array, to: number, unit: number, minSparse: number, skipZero: boolean): Promise<unknown> {
+function writeChunk(
+  target: ConvertTarget,
+  chunk: Uint8Array,
+  to: number,
+  unit: number,
+  minSparse: number,
+  skipZero: boolean,
+  scanned?: Uint32Array,
+): Promise<unknown> {
   const writes: Promise<void>[] = [];
   let runStart = 0;
   let runEnd = 0;
@@ -288,7 +300,8 @@ function writeChunk(target: ConvertTarget, chunk: Uint8Array, to: number, unit: 
   for (let o = 0; o < chunk.length; o += unit) {
     const part = chunk.subarray(o, Math.min(chunk.length, o + unit));
     const sectors = Math.ceil(part.length / SECTOR);
-    for (const r of sparseRuns(part, sectors, Math.floor((to + o) / SECTOR), minSparse)) {
+    const runs = scanned && sliceRuns(scanned, o / SECTOR, sectors);
+    for (const r of sparseRuns(part, sectors, Math.floor((to + o) / SECTOR), minSparse, runs)) {
       const a = o + r.start * SECTOR;
       const b = o + Math.min(part.length, (r.start + r.count) * SECTOR);
       if (r.data === runData && a === runEnd) {

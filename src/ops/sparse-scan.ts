@@ -55,11 +55,12 @@ function leadingRunMin(
 
 /**
  * Split `sectors` sectors of `buf` (to be written at target sector `targetSector`) into data runs
- * and zero runs; `minSparse` in bytes (0: everything is data).
+ * and zero runs; `minSparse` in bytes (0: everything is data). `scanned`: the sectors' data/zero
+ * runs when made already (see SectorScanner).
  */
-export function sparseRuns(buf: Uint8Array, sectors: number, targetSector: number, minSparse: number): Run[] {
+export function sparseRuns(buf: Uint8Array, sectors: number, targetSector: number, minSparse: number, scanned?: Uint32Array): Run[] {
   if (minSparse === 0) return [{ start: 0, count: sectors, data: true }];
-  const scan = new SectorScanner(buf);
+  const scan = new SectorScanner(buf, scanned);
   const min = Math.max(1, Math.floor(minSparse / SECTOR));
   const align = 2 ** Math.floor(Math.log2(min));
   const runs: Run[] = [];

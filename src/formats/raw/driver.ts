@@ -49,6 +49,13 @@ export class RawDriver implements BlockDriver {
     await readInto(this.io, buf, offset);
   }
 
+  async readIntoScanned(buf: Uint8Array, offset: number, runs: Uint32Array): Promise<void> {
+    this.check(offset, buf.length);
+    runs[0] = 0;
+    if (this.io.readScanned) await this.io.readScanned(buf, offset, runs);
+    else await readInto(this.io, buf, offset);
+  }
+
   async write(offset: number, data: Uint8Array): Promise<void> {
     this.checkWritable();
     this.check(offset, data.length);
