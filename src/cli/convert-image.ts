@@ -3,7 +3,7 @@
  * overlay), open it read-write and copy — sparse, compressed with -c in the worker pool, or, with
  * -B, only what differs from the new backing chain. A failed convert removes what it created.
  */
-import { promises as fsp } from 'node:fs';
+import * as fsCalls from '../io/fs-calls.js';
 import type { BlockDriver } from '../core/block-driver.js';
 import { ignoringFlushes } from '../core/byte-io.js';
 import { bytesEqual } from '../core/util.js';
@@ -175,7 +175,7 @@ export async function convertToImage(a: ImageConvertArgs, sources: BlockDriver[]
     return 0;
   } catch (e) {
     if (target) await target.close().catch(() => {});
-    if (created) await fsp.rm(a.dstFile, { force: true }).catch(() => {});
+    if (created) await fsCalls.removeFile(a.dstFile).catch(() => {});
     if (e instanceof CliError) throw e;
     if (e instanceof ConvertFailure) throw new CliError(e.message);
     throw new CliError(`${a.dstArg}: error while converting ${a.outFormat}: ${messageOf(e)}`);

@@ -1,5 +1,5 @@
 /** `qcowkit convert`: qemu-img convert's options and messages; raw output for now. */
-import { promises as fsp } from 'node:fs';
+import * as fsCalls from '../io/fs-calls.js';
 import type { BlockDriver } from '../core/block-driver.js';
 import { FileIO } from '../io/file.js';
 import { isHttpUrl, urlProtocol } from '../io/http.js';
@@ -139,7 +139,7 @@ function rawCreateOptions(list: string[]): boolean {
 
 async function isDevice(name: string): Promise<boolean> {
   try {
-    const st = await fsp.stat(name);
+    const st = await fsCalls.stat(name);
     return st.isBlockDevice() || st.isCharacterDevice();
   } catch {
     return false;
@@ -148,7 +148,7 @@ async function isDevice(name: string): Promise<boolean> {
 
 async function sameFile(a: string, b: string): Promise<boolean> {
   try {
-    const [x, y] = await Promise.all([fsp.stat(a), fsp.stat(b)]);
+    const [x, y] = await Promise.all([fsCalls.stat(a), fsCalls.stat(b)]);
     return x.dev === y.dev && x.ino === y.ino;
   } catch {
     return false;
@@ -282,7 +282,7 @@ async function convertTo(a: ConvertArgs, sources: BlockDriver[], dstArg: string,
     } catch (e) {
       if (made) {
         await made.close().catch(() => {});
-        await fsp.rm(dstFile, { force: true }).catch(() => {});
+        await fsCalls.removeFile(dstFile).catch(() => {});
       }
       throw new CliError(`${dstArg}: error while converting raw: ${messageOf(e)}`);
     }
@@ -307,7 +307,7 @@ async function convertTo(a: ConvertArgs, sources: BlockDriver[], dstArg: string,
     await file.close();
   } catch (e) {
     await file.close().catch(() => {});
-    if (created) await fsp.rm(dstFile, { force: true }).catch(() => {});
+    if (created) await fsCalls.removeFile(dstFile).catch(() => {});
     if (e instanceof ConvertFailure) throw new CliError(e.message);
     throw e;
   }

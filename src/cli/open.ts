@@ -1,5 +1,5 @@
 /** Opening images named on the command line, with qemu-img's error wording. */
-import { promises as fsp } from 'node:fs';
+import * as fsCalls from '../io/fs-calls.js';
 import type { BlockDriver } from '../core/block-driver.js';
 import type { IOProvider } from '../core/byte-io.js';
 import { openImage } from '../block/open.js';
@@ -61,7 +61,7 @@ export function resolveImageArg(arg: string, o: Pick<CliOpenOptions, 'format' | 
 export async function openForCli(arg: string, o: CliOpenOptions = {}): Promise<BlockDriver> {
   const spec = resolveImageArg(arg, o);
   try {
-    const st = await fsp.stat(spec.filename);
+    const st = await fsCalls.stat(spec.filename);
     if (st.isDirectory()) {
       throw new CliError(`Could not open '${arg}': 'file' driver requires '${spec.filename}' to be a regular file`);
     }

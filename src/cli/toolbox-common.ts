@@ -3,7 +3,7 @@
  * measure, bitmap, dd): opening an image for writing with qemu-img's probing warning, errno
  * wording, same-file detection, and qemu's cvtnum for command arguments.
  */
-import { promises as fsp } from 'node:fs';
+import * as fsCalls from '../io/fs-calls.js';
 import type { BlockDriver } from '../core/block-driver.js';
 import type { IOProvider } from '../core/byte-io.js';
 import { QcowError } from '../core/errors.js';
@@ -202,7 +202,7 @@ export function errnoOf(e: unknown): [number, string] {
 /** Whether two names are the same file (by device and inode). */
 export async function sameFile(a: string, b: string): Promise<boolean> {
   try {
-    const [x, y] = await Promise.all([fsp.stat(a), fsp.stat(b)]);
+    const [x, y] = await Promise.all([fsCalls.stat(a), fsCalls.stat(b)]);
     return x.dev === y.dev && x.ino === y.ino;
   } catch {
     return false;

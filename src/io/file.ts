@@ -1,34 +1,41 @@
-import { promises as fsp, constants as fsc, read as fsRead } from 'node:fs';
+import { constants as fsc, read as fsRead } from 'node:fs';
 import * as path from 'node:path';
 import { writeZeroRange, type ByteIO, type IOProvider } from '../core/byte-io.js';
 import { QcowError } from '../core/errors.js';
 import { FileWriter } from './file-writer.js';
+import * as fsCalls from './fs-calls.js';
 import { fallocateFile, nativeReadScan, sparseRuns } from './sparse.js';
 
-/** A file opened with fs.promises: positional reads and writes, no buffering of its own. */
+/** A file on the local file system: positional reads and writes, no buffering of its own. */
 export class FileIO implements ByteIO {
   readonly name: string;
   readonly readOnly: boolean;
-  private fh: fsp.FileHandle;
+  private readonly descriptor: number;
   private closed = false;
   /** The file's writer thread, from its first write (null: none to be had, fs writes do). */
   private writer: FileWriter | null | undefined;
 
-  private constructor(name: string, fh: fsp.FileHandle, readOnly: boolean) {
+  private constructor(name: string, fd: number, readOnly: boolean) {
     this.name = name;
-    this.fh = fh;
+    this.descriptor = fd;
     this.readOnly = readOnly;
   }
 
   static async open(name: string, opts: { readOnly: boolean }): Promise<FileIO> {
     try {
-      const fh = await fsp.open(name, opts.readOnly ? fsc.O_RDONLY : fsc.O_RDWR);
-      const st = await fh.stat();
+      const fd = await fsCalls.open(name, opts.readOnly ? fsc.O_RDONLY : fsc.O_RDWR);
+      let st;
+      try {
+        st = await fsCalls.fstat(fd);
+      } catch (e) {
+        await fsCalls.close(fd).catch(() => {});
+        throw e;
+      }
       if (st.isDirectory()) {
-        await fh.close();
+        await fsCalls.close(fd);
         throw new QcowError('EINVAL', `Could not open '${name}': Is a directory`);
       }
-      return new FileIO(name, fh, opts.readOnly);
+      return new FileIO(name, fd, opts.readOnly);
     } catch (e) {
       throw fileError(name, e);
     }
@@ -36,30 +43,39 @@ export class FileIO implements ByteIO {
 
   static async create(name: string): Promise<FileIO> {
     try {
-      const fh = await fsp.open(name, fsc.O_RDWR | fsc.O_CREAT | fsc.O_TRUNC, 0o644);
-      return new FileIO(name, fh, false);
+      return new FileIO(name, await fsCalls.open(name, fsc.O_RDWR | fsc.O_CREAT | fsc.O_TRUNC, 0o644), false);
     } catch (e) {
       throw fileError(name, e, 'create');
     }
   }
 
   get fd(): number {
-    return this.fh.fd;
+    return this.descriptor;
+  }
+
+  /**
+   * The descriptor, for a call on it; refused once closed (the number may by then belong to
+   * another file this process opened).
+   */
+  private live(): number {
+    if (this.closed) throw new QcowError('EIO', `File '${this.name}' is closed`);
+    return this.descriptor;
   }
 
   async size(): Promise<number> {
-    return (await this.fh.stat()).size;
+    return (await fsCalls.fstat(this.live())).size;
   }
 
   async allocatedSize(): Promise<number> {
-    return (await this.fh.stat()).blocks * 512;
+    return (await fsCalls.fstat(this.live())).blocks * 512;
   }
 
   read(buf: Uint8Array, offset: number): Promise<number> {
+    if (this.closed) return Promise.reject(new QcowError('EIO', `File '${this.name}' is closed`));
     // fs.read with a callback costs about half of FileHandle.read per call (Node 20): it matters
     // for many small reads (the NBD server's 4 KiB random reads).
     return new Promise((resolve, reject) => {
-      fsRead(this.fh.fd, buf, 0, buf.length, offset, (err, n) => (err ? reject(err) : resolve(n)));
+      fsRead(this.live(), buf, 0, buf.length, offset, (err, n) => (err ? reject(err) : resolve(n)));
     });
   }
 
@@ -67,7 +83,7 @@ export class FileIO implements ByteIO {
   async readScanned(buf: Uint8Array, offset: number, runs: Uint32Array): Promise<number> {
     runs[0] = 0;
     const scan = nativeReadScan();
-    if (scan) return scan(this.fh.fd, buf, offset, runs);
+    if (scan) return scan(this.live(), buf, offset, runs);
     let done = 0;
     while (done < buf.length) {
       const n = await this.read(done ? buf.subarray(done) : buf, offset + done);
@@ -81,38 +97,34 @@ export class FileIO implements ByteIO {
   async write(buf: Uint8Array, offset: number): Promise<void> {
     if (this.readOnly) throw new QcowError('EPERM', `Cannot write to read-only file '${this.name}'`);
     if (this.closed) throw new QcowError('EIO', `Cannot write to closed file '${this.name}'`);
-    if (this.writer === undefined) this.writer = FileWriter.open(this.fh.fd) ?? null;
+    if (this.writer === undefined) this.writer = FileWriter.open(this.live()) ?? null;
     if (this.writer) return this.writer.write(buf, offset);
-    let done = 0;
-    while (done < buf.length) {
-      const { bytesWritten } = await this.fh.write(buf, done, buf.length - done, offset + done);
-      done += bytesWritten;
-    }
+    await fsCalls.pwriteAll(this.live(), buf, offset);
   }
 
   async flush(): Promise<void> {
-    if (!this.readOnly) await this.fh.datasync();
+    if (!this.readOnly) await fsCalls.fdatasync(this.live());
   }
 
   async truncate(size: number): Promise<void> {
-    await this.fh.truncate(size);
+    await fsCalls.ftruncate(this.live(), size);
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     this.writer?.close();
-    await this.fh.close();
+    await fsCalls.close(this.descriptor);
   }
 
   async dataRuns(offset: number, length: number) {
-    return sparseRuns(this.fh.fd, offset, length);
+    return sparseRuns(this.live(), offset, length);
   }
 
   /** Deallocate the range so it reads as zeros; writes zeros where the file system cannot punch. */
   async punchHole(offset: number, length: number): Promise<void> {
     if (this.readOnly) throw new QcowError('EPERM', `Cannot write to read-only file '${this.name}'`);
-    if (await fallocateFile(this.fh.fd, true, offset, length)) return;
+    if (await fallocateFile(this.live(), true, offset, length)) return;
     const end = Math.min(offset + length, await this.size()); // past the end already reads as zeros
     await writeZeroRange(this, offset, end - offset);
   }
@@ -120,7 +132,7 @@ export class FileIO implements ByteIO {
   /** Allocate the range on disk (preallocation=falloc); false where the platform cannot. */
   async allocate(offset: number, length: number): Promise<boolean> {
     if (this.readOnly) throw new QcowError('EPERM', `Cannot write to read-only file '${this.name}'`);
-    return fallocateFile(this.fh.fd, false, offset, length);
+    return fallocateFile(this.live(), false, offset, length);
   }
 }
 
@@ -150,11 +162,11 @@ export const fileProvider: IOProvider = {
     return i < 0 ? name : base.slice(0, i + 1) + name;
   },
   async remove(name: string) {
-    await fsp.rm(name, { force: true });
+    await fsCalls.removeFile(name);
   },
   async exists(name: string) {
     try {
-      await fsp.stat(name);
+      await fsCalls.stat(name);
       return true;
     } catch {
       return false;

@@ -6,6 +6,7 @@
  * applied only after the references they drop are durable (see Qcow2Writer.flush).
  */
 import { be32, setBe32 } from '../../core/be.js';
+import { lastNonZero } from '../../core/byte-scan.js';
 import { readInto, type ByteIO } from '../../core/byte-io.js';
 import { QcowError } from '../../core/errors.js';
 import { corruption, entryOffset } from './cluster-map.js';
@@ -111,14 +112,15 @@ export class Refcounts {
     const cs = 2 ** host.clusterBits;
     const raw = new Uint8Array(host.reftableClusters * cs);
     await readInto(host.io, raw, host.reftableOffset);
-    const dv = new DataView(raw.buffer);
-    const table: number[] = [];
-    for (let i = 0; i < raw.length / 8; i++) {
-      const hi = dv.getUint32(i * 8);
-      const lo = dv.getUint32(i * 8 + 4);
+    const table: number[] = new Array<number>(raw.length / 8).fill(0);
+    // entries past the last non-zero byte are 0 (most of a table, which has room to grow)
+    const used = Math.ceil((lastNonZero(raw) + 1) / 8);
+    for (let i = 0; i < used; i++) {
+      const hi = be32(raw, i * 8);
+      const lo = be32(raw, i * 8 + 4);
       const off = entryOffset(hi, lo) + (hi & 0xff000000) * 0x100000000; // keep reserved high bits visible
       if (off % cs !== 0) throw corruption(`refcount block ${i} is not cluster aligned`);
-      table.push(off);
+      table[i] = off;
     }
     return new Refcounts(host, table);
   }
