@@ -193,6 +193,15 @@ static napi_value seek(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* Reject `deferred` with an Error: `message`, and `code` the name of errno `e`. */
+static void reject_errno(napi_env env, napi_deferred deferred, const char *message, int e) {
+  napi_value m, c, v;
+  napi_create_string_utf8(env, message, NAPI_AUTO_LENGTH, &m);
+  napi_create_string_utf8(env, errno_code(e), NAPI_AUTO_LENGTH, &c);
+  napi_create_error(env, c, m, &v);
+  napi_reject_deferred(env, deferred, v);
+}
+
 #if defined(__linux__) && defined(FALLOC_FL_PUNCH_HOLE) && defined(FALLOC_FL_KEEP_SIZE)
 #define HAVE_FALLOCATE 1
 
@@ -224,11 +233,7 @@ static void falloc_complete(napi_env env, napi_status status, void *data) {
     int e = status == napi_ok ? j->err : EIO;
     char msg[160];
     snprintf(msg, sizeof msg, "fallocate(%s): %s", j->mode == 1 ? "punch hole" : "allocate", strerror(e));
-    napi_value m, c;
-    napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
-    napi_create_string_utf8(env, errno_code(e), NAPI_AUTO_LENGTH, &c);
-    napi_create_error(env, c, m, &v);
-    napi_reject_deferred(env, j->deferred, v);
+    reject_errno(env, j->deferred, msg, e);
   }
   napi_delete_async_work(env, j->work);
   free(j);
@@ -303,17 +308,13 @@ static void read_scan_execute(napi_env env, void *arg) {
 
 static void read_scan_complete(napi_env env, napi_status status, void *arg) {
   read_scan_job *j = arg;
-  napi_value v;
   if (status == napi_ok && j->err == 0) {
+    napi_value v;
     napi_create_double(env, (double)j->got, &v);
     napi_resolve_deferred(env, j->deferred, v);
   } else {
     int e = status == napi_ok ? j->err : EIO;
-    napi_value m, c;
-    napi_create_string_utf8(env, strerror(e), NAPI_AUTO_LENGTH, &m);
-    napi_create_string_utf8(env, errno_code(e), NAPI_AUTO_LENGTH, &c);
-    napi_create_error(env, c, m, &v);
-    napi_reject_deferred(env, j->deferred, v);
+    reject_errno(env, j->deferred, strerror(e), e);
   }
   napi_delete_reference(env, j->bytes_ref);
   napi_delete_reference(env, j->runs_ref);
@@ -351,28 +352,23 @@ static napi_value read_scan(napi_env env, napi_callback_info info) {
   j->len = len;
   j->runs = runs;
   napi_value promise, name;
-  if (napi_create_reference(env, argv[1], 1, &j->bytes_ref) != napi_ok) {
-    free(j);
-    napi_throw_error(env, NULL, "readScan: could not hold the buffer");
-    return NULL;
-  }
-  if (napi_create_reference(env, argv[3], 1, &j->runs_ref) != napi_ok) {
-    napi_delete_reference(env, j->bytes_ref);
-    free(j);
-    napi_throw_error(env, NULL, "readScan: could not hold the buffer");
-    return NULL;
-  }
+  /* both arrays are held until the work completes */
+  if (napi_create_reference(env, argv[1], 1, &j->bytes_ref) != napi_ok) goto fail;
+  if (napi_create_reference(env, argv[3], 1, &j->runs_ref) != napi_ok) goto fail_bytes;
   if (napi_create_promise(env, &j->deferred, &promise) != napi_ok ||
       napi_create_string_utf8(env, "qcowkit_read_scan", NAPI_AUTO_LENGTH, &name) != napi_ok ||
       napi_create_async_work(env, NULL, name, read_scan_execute, read_scan_complete, j, &j->work) != napi_ok ||
-      napi_queue_async_work(env, j->work) != napi_ok) {
-    napi_delete_reference(env, j->bytes_ref);
-    napi_delete_reference(env, j->runs_ref);
-    free(j);
-    napi_throw_error(env, NULL, "readScan: could not queue the request");
-    return NULL;
-  }
+      napi_queue_async_work(env, j->work) != napi_ok)
+    goto fail_runs;
   return promise;
+fail_runs:
+  napi_delete_reference(env, j->runs_ref);
+fail_bytes:
+  napi_delete_reference(env, j->bytes_ref);
+fail:
+  free(j);
+  napi_throw_error(env, NULL, "readScan: could not queue the request");
+  return NULL;
 }
 
 static napi_value init(napi_env env, napi_value exports) {

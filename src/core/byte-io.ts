@@ -56,17 +56,21 @@ export async function readFully(io: ByteIO, offset: number, length: number): Pro
   return buf;
 }
 
-/** Fill `buf` from `offset`; bytes past end of storage are zero (buf must start zeroed or be cleared here). */
-export async function readInto(io: ByteIO, buf: Uint8Array, offset: number): Promise<void> {
+/**
+ * Fill `buf` from `offset`; bytes past end of storage are zero (buf must start zeroed or be cleared
+ * here). Returns how many bytes came from the storage.
+ */
+export async function readInto(io: ByteIO, buf: Uint8Array, offset: number): Promise<number> {
   let done = 0;
   while (done < buf.length) {
     const n = await io.read(done === 0 ? buf : buf.subarray(done), offset + done);
     if (n <= 0) {
       buf.fill(0, done);
-      return;
+      return done;
     }
     done += n;
   }
+  return done;
 }
 
 const ZERO_CHUNK = 4 * 1024 * 1024;

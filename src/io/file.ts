@@ -1,6 +1,6 @@
 import { constants as fsc, read as fsRead } from 'node:fs';
 import * as path from 'node:path';
-import { writeZeroRange, type ByteIO, type IOProvider } from '../core/byte-io.js';
+import { readInto, writeZeroRange, type ByteIO, type IOProvider } from '../core/byte-io.js';
 import { QcowError } from '../core/errors.js';
 import { FileWriter } from './file-writer.js';
 import * as fsCalls from './fs-calls.js';
@@ -71,7 +71,6 @@ export class FileIO implements ByteIO {
   }
 
   read(buf: Uint8Array, offset: number): Promise<number> {
-    if (this.closed) return Promise.reject(new QcowError('EIO', `File '${this.name}' is closed`));
     // fs.read with a callback costs about half of FileHandle.read per call (Node 20): it matters
     // for many small reads (the NBD server's 4 KiB random reads).
     return new Promise((resolve, reject) => {
@@ -81,17 +80,10 @@ export class FileIO implements ByteIO {
 
   /** Read all of `buf` (zeros past the end), its zero runs made on the thread pool where possible. */
   async readScanned(buf: Uint8Array, offset: number, runs: Uint32Array): Promise<number> {
-    runs[0] = 0;
     const scan = nativeReadScan();
     if (scan) return scan(this.live(), buf, offset, runs);
-    let done = 0;
-    while (done < buf.length) {
-      const n = await this.read(done ? buf.subarray(done) : buf, offset + done);
-      if (n <= 0) break;
-      done += n;
-    }
-    buf.fill(0, done);
-    return done;
+    runs[0] = 0;
+    return readInto(this, buf, offset);
   }
 
   async write(buf: Uint8Array, offset: number): Promise<void> {

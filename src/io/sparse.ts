@@ -25,7 +25,10 @@ export const MAX_RUNS = 1024;
 const UNSUPPORTED = new Set(['EINVAL', 'ENOTSUP', 'EOPNOTSUPP', 'ENOSYS', 'ESPIPE']);
 
 let addon: SparseAddon | null | undefined;
-let addonModule: (Partial<SparseAddon> & { zeroRuns?: ZeroRunScan }) | null | undefined;
+type ReadScan = (fd: number, buf: Uint8Array, offset: number, runs: Uint32Array) => Promise<number>;
+
+/** Everything the addon may export (what a platform lacks is absent). */
+let addonModule: (Partial<SparseAddon> & { zeroRuns?: ZeroRunScan; readScan?: ReadScan }) | null | undefined;
 
 function loadModule(): typeof addonModule {
   if (addonModule !== undefined) return addonModule;
@@ -50,12 +53,10 @@ function loadAddon(): SparseAddon | null {
   return addon;
 }
 
-type ReadScan = (fd: number, buf: Uint8Array, offset: number, runs: Uint32Array) => Promise<number>;
-
 /** The addon's read-and-scan (ByteIO.readScanned on the thread pool), where it is built. */
 export function nativeReadScan(): ReadScan | undefined {
-  const f = (loadModule() as { readScan?: unknown } | null)?.readScan;
-  return typeof f === 'function' ? (f as ReadScan) : undefined;
+  const f = loadModule()?.readScan;
+  return typeof f === 'function' ? f : undefined;
 }
 
 /** The addon's zero-run scan (convert's zero detection in native code), where it is built. */

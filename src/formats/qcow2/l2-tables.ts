@@ -20,7 +20,6 @@ export interface Entry {
   blo: number; // bitmap low word (alloc bits)
 }
 
-
 export class L2Tables {
   /** L1 indexes changed in memory and not yet written. */
   readonly l1Dirty = new Set<number>();
@@ -110,9 +109,8 @@ export class L2Tables {
   }
 
   async setEntry(l2: number, index: number, e: Entry): Promise<void> {
-    if (this.setEntryNow(l2, index, e)) return;
     const { sliceOff, at } = this.place(l2, index);
-    this.encode(await this.h.l2cache.get(sliceOff), at, e);
+    this.encode(this.h.l2cache.getNow(sliceOff) ?? (await this.h.l2cache.get(sliceOff)), at, e);
     this.h.l2cache.markDirty(sliceOff);
   }
 

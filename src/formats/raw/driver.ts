@@ -51,9 +51,12 @@ export class RawDriver implements BlockDriver {
 
   async readIntoScanned(buf: Uint8Array, offset: number, runs: Uint32Array): Promise<void> {
     this.check(offset, buf.length);
+    if (this.io.readScanned) {
+      await this.io.readScanned(buf, offset, runs);
+      return;
+    }
     runs[0] = 0;
-    if (this.io.readScanned) await this.io.readScanned(buf, offset, runs);
-    else await readInto(this.io, buf, offset);
+    await readInto(this.io, buf, offset);
   }
 
   async write(offset: number, data: Uint8Array): Promise<void> {
