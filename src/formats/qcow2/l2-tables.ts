@@ -5,6 +5,7 @@
  * entry referenced (the refcount decrement is applied after the new entry is durable).
  */
 import { be32, setBe32 } from '../../core/be.js';
+import { firstNonZero } from '../../core/byte-scan.js';
 import { corruption, entryOffset } from './cluster-map.js';
 import type { Refcounts } from './refcount.js';
 import type { WriterHost } from './writer.js';
@@ -19,6 +20,9 @@ export interface Entry {
   bhi: number; // bitmap high word (zero bits)
   blo: number; // bitmap low word (alloc bits)
 }
+
+/** An all-zero entry (unallocated, no flags, no subclusters): shared, never changed. */
+export const UNALLOCATED: Readonly<Entry> = Object.freeze({ hi: 0, lo: 0, bhi: 0, blo: 0 });
 
 export class L2Tables {
   /** L1 indexes changed in memory and not yet written. */
@@ -91,6 +95,57 @@ export class L2Tables {
     const { sliceOff, at } = this.place(l2, index);
     const buf = this.h.l2cache.getNow(sliceOff);
     return buf && this.decode(buf, at);
+  }
+
+  /**
+   * How many entries from `index` on (at most `max`, within the table) are all zero — unallocated,
+   * as in a new image — looking only at cached slices: it stops at the first other entry or at an
+   * uncached slice. One scan per slice instead of a decode per entry.
+   */
+  unallocatedRunNow(l2: number, index: number, max: number): number {
+    const eb = this.h.g.entryBytes;
+    const sb = this.h.l2cache.sliceBytes;
+    let n = 0;
+    while (n < max) {
+      const byte = (index + n) * eb;
+      const at = byte % sb;
+      const buf = this.h.l2cache.getNow(l2 + byte - at);
+      if (!buf) break;
+      const span = Math.min(sb - at, (max - n) * eb);
+      const nz = firstNonZero(buf.subarray(at, at + span));
+      if (nz >= 0) return n + Math.floor(nz / eb);
+      n += span / eb;
+    }
+    return n;
+  }
+
+  /**
+   * Point entries `[index, index+n)` at the host clusters `host`, `host + cs`, ... (standard L2
+   * entries, COPIED set) if all their slices are cached; false (nothing done) if not.
+   */
+  setRunNow(l2: number, index: number, n: number, host: number): boolean {
+    const { entryBytes: eb, clusterSize: cs, extendedL2 } = this.h.g;
+    if (extendedL2) return false;
+    const cache = this.h.l2cache;
+    const sb = cache.sliceBytes;
+    const firstSlice = l2 + Math.floor((index * eb) / sb) * sb;
+    const lastSlice = l2 + Math.floor(((index + n - 1) * eb) / sb) * sb;
+    for (let s = firstSlice; s <= lastSlice; s += sb) if (!cache.peek(s)) return false;
+    let k = 0;
+    while (k < n) {
+      const byte = (index + k) * eb;
+      const at = byte % sb;
+      const sliceOff = l2 + byte - at;
+      const buf = cache.getNow(sliceOff)!;
+      const stop = Math.min(sb, at + (n - k) * eb);
+      for (let p = at; p < stop; p += 8, k++) {
+        const off = host + k * cs;
+        setBe32(buf, p, Math.floor(off / 0x100000000) | COPIED_HI);
+        setBe32(buf, p + 4, off >>> 0);
+      }
+      cache.markDirty(sliceOff);
+    }
+    return true;
   }
 
   async getEntry(l2: number, index: number): Promise<Entry> {

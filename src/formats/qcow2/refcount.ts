@@ -170,6 +170,30 @@ export class Refcounts {
     return b && getRefcount(b, cluster % this.entriesPerBlock, this.host.refcountOrder);
   }
 
+  /**
+   * How many clusters from `cluster` on (at most `n`) are free, as far as the cached blocks tell
+   * (clusters without a block are free): stops at a cluster in use or in an uncached block.
+   */
+  private freeRunNow(cluster: number, n: number): number {
+    const per = this.entriesPerBlock;
+    const order = this.host.refcountOrder;
+    let k = 0;
+    while (k < n) {
+      const rt = Math.floor((cluster + k) / per);
+      const end = Math.min(n, (rt + 1) * per - cluster);
+      const off = this.table[rt];
+      if (!off) {
+        k = end;
+        continue;
+      }
+      const b = this.blocks.get(off);
+      if (!b) return k;
+      const base = rt * per;
+      for (; k < end; k++) if (getRefcount(b, cluster + k - base, order) !== 0) return k;
+    }
+    return k;
+  }
+
   /** The refcount block of table index `rt` if it is cached, else undefined (none, or not loaded). */
   private cachedBlock(rt: number): Uint8Array | undefined {
     const off = this.table[rt];
@@ -212,6 +236,20 @@ export class Refcounts {
     this.dirtyBlocks.add(this.table[rt]!);
     if (v === 0 && cluster < this.freeHint) this.freeHint = cluster;
     if (v === 0) this.freedClusters?.push(cluster);
+  }
+
+  /** Refcount +1 for clusters `[from, to)`, all in block `b` (table index `rt`): bump() for a run. */
+  private increment(b: Uint8Array, rt: number, from: number, to: number): void {
+    const order = this.host.refcountOrder;
+    const per = this.entriesPerBlock;
+    const base = rt * per;
+    for (let c = from; c < to; c++) {
+      const i = c - base;
+      const v = getRefcount(b, i, order) + 1;
+      if (v > this.maxRefcount) throw new QcowError('ERANGE', `Refcount overflow on cluster ${c} (maximum ${this.maxRefcount})`);
+      setRefcount(b, i, order, v);
+    }
+    if (to > from) this.dirtyBlocks.add(this.table[rt]!);
   }
 
   /** Clusters whose refcount dropped to 0 since startCollectingFreed() (shrinking discards them). */
@@ -362,11 +400,18 @@ export class Refcounts {
         run += take;
         c += take - 1;
       } else {
+        // one block: walk its entries here, not one lookup per cluster
         const b = this.cachedBlock(rt) ?? (await this.block(rt))!;
-        if (getRefcount(b, c % this.entriesPerBlock, this.host.refcountOrder) === 0) {
-          if (run === 0) start = c;
-          run++;
-        } else run = 0;
+        const order = this.host.refcountOrder;
+        const base = rt * this.entriesPerBlock;
+        const blockEnd = base + this.entriesPerBlock;
+        for (; c < blockEnd; c++) {
+          if (getRefcount(b, c - base, order) === 0) {
+            if (run === 0) start = c;
+            if (++run >= n) break;
+          } else run = 0;
+        }
+        if (c === blockEnd) c--; // the loop's c++ moves on to the next block
       }
       if (run >= n) {
         this.freeHint = start + n;
@@ -401,7 +446,8 @@ export class Refcounts {
       if (!(rt < this.table.length && this.table[rt])) break;
       const segEnd = Math.min(start + n, (rt + 1) * this.entriesPerBlock);
       const b = this.cachedBlock(rt) ?? (await this.block(rt))!;
-      for (; c < segEnd; c++) this.bump(b, rt, c, 1);
+      this.increment(b, rt, c, segEnd);
+      c = segEnd;
     }
     if (c === start + n) return true;
     await this.createBlock(Math.floor(c / this.entriesPerBlock));
@@ -553,7 +599,7 @@ export class Refcounts {
    */
   async allocateAtMost(cluster: number, n: number): Promise<number> {
     for (;;) {
-      let k = 0;
+      let k = this.freeRunNow(cluster, n);
       while (k < n && (this.getNow(cluster + k) ?? (await this.get(cluster + k))) === 0) k++;
       if (k === 0) return 0;
       if (await this.countRun(cluster, k)) return k;

@@ -18,7 +18,7 @@ import { writeReftablePointer, type Qcow2Header } from './header.js';
 import { RequestLock } from './request-lock.js';
 import { emptyActiveState, preallocateGrowth, resizeTables } from './table-resize.js';
 import { durableBarrier, flushDirtyMetadata } from './metadata-flush.js';
-import { COMPRESSED_HI, COPIED_HI, L2Tables, type Entry } from './l2-tables.js';
+import { COMPRESSED_HI, COPIED_HI, L2Tables, UNALLOCATED, type Entry } from './l2-tables.js';
 
 export type { Entry } from './l2-tables.js';
 import { CRYPT_SECTOR, giveCryptBuffer, takeCryptBuffer, type DataCipher } from './data-cipher.js';
@@ -277,8 +277,14 @@ export class Qcow2Writer {
       };
     }
 
-    // Clusters that need a new host cluster: batch consecutive ones.
-    const olds: Entry[] = [e0];
+    // Clusters that need a new host cluster: batch consecutive ones. Unallocated entries (all
+    // those of a new image) are counted by a scan of the table, not decoded one by one.
+    // (`olds` then starts with UNALLOCATED itself: commitRun knows them by that.)
+    let olds: Entry[];
+    if (e0.hi === 0 && e0.lo === 0 && e0.bhi === 0 && e0.blo === 0) {
+      const free = 1 + this.tables.unallocatedRunNow(l2, idx0 + 1, Math.ceil((offset + len) / cs) - firstCluster - 1);
+      olds = new Array<Entry>(free).fill(UNALLOCATED);
+    } else olds = [e0];
     while ((firstCluster + olds.length) * cs < offset + len) {
       const e = this.tables.entryNow(l2, idx0 + olds.length) ?? (await this.tables.getEntry(l2, idx0 + olds.length));
       if (this.tables.inPlace(e)) break;
@@ -332,6 +338,9 @@ export class Qcow2Writer {
       for (let k = 0; k < p.n; k++) await this.markWritten(p.l2, p.idx0 + k, p.firstCluster + k, p.from, p.to, true);
       return;
     }
+    // All the replaced entries unallocated (UNALLOCATED only ever starts `olds`, so the last one
+    // tells): nothing to release, the new entries are set in one pass over the table.
+    if (p.olds[p.n - 1] === UNALLOCATED && this.tables.setRunNow(p.l2, p.idx0, p.n, p.host)) return;
     const runStart = p.firstCluster * cs;
     for (let k = 0; k < p.n; k++) {
       const old = p.olds[k]!;
