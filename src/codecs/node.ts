@@ -1,4 +1,5 @@
 /** Node adapter: zlib from node:zlib (runs in libuv's thread pool), zstd from zstd-napi. */
+import { loadNativeAddon } from '../io/native-addon.js';
 import * as zlib from 'node:zlib';
 import { createRequire } from 'node:module';
 import { QcowError } from '../core/errors.js';
@@ -45,13 +46,8 @@ let zlibAddon: ZlibAddon | null | undefined;
 function nativeZlib(): ZlibAddon | null {
   if (zlibAddon === undefined) {
     zlibAddon = null;
-    try {
-      // Compiled to dist/codecs/node.js; the addon is at <package>/native/build/Release/.
-      const mod = createRequire(import.meta.url)('../../native/build/Release/qcowkit_zlib.node') as Partial<ZlibAddon>;
-      if (typeof mod.inflateRaw === 'function') zlibAddon = mod as ZlibAddon;
-    } catch {
-      // not built: node:zlib on the main thread
-    }
+    const mod = loadNativeAddon<ZlibAddon>('qcowkit_zlib'); // (undefined: not built; node:zlib on the main thread)
+    if (mod && typeof mod.inflateRaw === 'function') zlibAddon = mod as ZlibAddon;
   }
   return zlibAddon;
 }

@@ -11,7 +11,7 @@
  *
  * Where the addon is not built, or `QCOWKIT_WRITER_THREAD=0`, callers keep using fs writes.
  */
-import { createRequire } from 'node:module';
+import { loadNativeAddon } from './native-addon.js';
 
 interface WriterAddon {
   open(fd: number): object;
@@ -28,13 +28,8 @@ function load(): WriterAddon | null {
   if (addon !== undefined) return addon;
   addon = null;
   if (process.env.QCOWKIT_WRITER_THREAD === '0') return addon;
-  try {
-    // Compiled to dist/io/file-writer.js; the addon is at <package>/native/build/Release/.
-    const mod = createRequire(import.meta.url)('../../native/build/Release/qcowkit_writer.node') as Partial<WriterAddon>;
-    if (typeof mod.open === 'function' && typeof mod.write === 'function' && typeof mod.close === 'function') addon = mod as WriterAddon;
-  } catch {
-    // not built, or built for another platform
-  }
+  const mod = loadNativeAddon<WriterAddon>('qcowkit_writer'); // (undefined: not built, or built for another platform)
+  if (mod && typeof mod.open === 'function' && typeof mod.write === 'function' && typeof mod.close === 'function') addon = mod as WriterAddon;
   return addon;
 }
 

@@ -6,8 +6,8 @@
  * so `npm ci` builds it through `prepare`). If it failed to build, or this platform has no
  * SEEK_DATA, everything here quietly answers undefined.
  */
-import { createRequire } from 'node:module';
 import type { ZeroRunScan } from '../ops/bytes.js';
+import { loadNativeAddon } from './native-addon.js';
 
 interface SparseAddon {
   /** lseek(fd, offset, whence); -1 on ENXIO, throws (with `code`) on any other error. */
@@ -33,13 +33,8 @@ let addonModule: (Partial<SparseAddon> & { zeroRuns?: ZeroRunScan; readScan?: Re
 function loadModule(): typeof addonModule {
   if (addonModule !== undefined) return addonModule;
   addonModule = null;
-  try {
-    // Compiled to dist/io/sparse.js; the addon is at <package>/native/build/Release/.
-    const require = createRequire(import.meta.url);
-    addonModule = require('../../native/build/Release/qcowkit_sparse.node') as typeof addonModule;
-  } catch {
-    // not built, or built for another platform: no sparse support
-  }
+  // (not built, or built for another platform: no sparse support)
+  addonModule = loadNativeAddon<NonNullable<typeof addonModule>>('qcowkit_sparse') ?? null;
   return addonModule;
 }
 

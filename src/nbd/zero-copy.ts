@@ -11,8 +11,8 @@
  * the socket while the client is slow to read: at most half the pool does so at once (file reads
  * need the rest), past that replies go the buffered way.
  */
-import { createRequire } from 'node:module';
 import type { Duplex } from 'node:stream';
+import { loadNativeAddon } from '../io/native-addon.js';
 
 interface SendfileAddon {
   supported: boolean;
@@ -29,12 +29,8 @@ function load(): SendfileAddon | null {
   if (addon !== undefined) return addon;
   addon = null;
   if (process.env.QCOWKIT_NBD_ZERO_COPY === '0') return addon;
-  try {
-    const mod = createRequire(import.meta.url)('../../native/build/Release/qcowkit_sendfile.node') as SendfileAddon;
-    if (mod.supported && typeof mod.sendFile === 'function' && typeof mod.trySend === 'function') addon = mod;
-  } catch {
-    // not built: replies go through buffers
-  }
+  const mod = loadNativeAddon<SendfileAddon>('qcowkit_sendfile'); // (undefined: not built; replies go through buffers)
+  if (mod && mod.supported && typeof mod.sendFile === 'function' && typeof mod.trySend === 'function') addon = mod as SendfileAddon;
   return addon;
 }
 
