@@ -144,6 +144,8 @@ export async function convertToImage(a: ImageConvertArgs, sources: BlockDriver[]
       const zstd = drv.header?.compressionType === 1;
       const pool = new CompressPool(zstd ? 'zstd' : 'zlib');
       try {
+        // the copy's reads overlap on the thread pool (metadata reads too: measured slower on this thread)
+        fsCalls.setQuickCallsOnThisThread(false);
         await convertCompressed(
           sources,
           {
@@ -162,6 +164,8 @@ export async function convertToImage(a: ImageConvertArgs, sources: BlockDriver[]
       }
     } else {
       const t = target.backing ? diffTarget(target) : driverTarget(target, (created && !target.backing) || a.targetIsZero);
+      // the copy's reads overlap on the thread pool (metadata reads too: measured slower on this thread)
+      fsCalls.setQuickCallsOnThisThread(false);
       await convertImages(sources, t, {
         minSparse: a.minSparse,
         concurrency: a.coroutines,

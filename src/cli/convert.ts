@@ -298,6 +298,8 @@ async function convertTo(a: ConvertArgs, sources: BlockDriver[], dstArg: string,
   });
   const bar = new ProgressPrinter(io.out, a.progress, 1.0, 'absolute');
   try {
+    // the copy's reads overlap on the thread pool (metadata reads too: measured slower on this thread)
+    fsCalls.setQuickCallsOnThisThread(false);
     await convertImages(sources, target, {
       // preallocation: every byte is written, as with -S 0
       minSparse: prealloc ? 0 : a.minSparse,

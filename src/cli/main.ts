@@ -4,6 +4,7 @@
  */
 import { setCodecs, type Codecs } from '../codecs/registry.js';
 import { QcowError } from '../core/errors.js';
+import { setQuickCallsOnThisThread } from '../io/fs-calls.js';
 import { nativeZeroRuns } from '../io/sparse.js';
 import { setZeroRunScan } from '../ops/bytes.js';
 import { CliError, HelpRequested, UsageError, messageOf } from './errors.js';
@@ -62,6 +63,9 @@ async function run(argv: string[], io: Io): Promise<number> {
     if (PLANNED.includes(name)) throw new CliError(`Command '${name}' is not supported by qcowkit yet`);
     throw new UsageError(`Command not found: ${name}`);
   }
+  // Quick file-system calls on this thread (see fs-calls.ts), except for the NBD server, which
+  // must not hold its clients up behind one of them.
+  setQuickCallsOnThisThread(name !== 'nbd');
   return (await load())(operands, io);
 }
 

@@ -1,4 +1,4 @@
-import { constants as fsc, read as fsRead } from 'node:fs';
+import { constants as fsc } from 'node:fs';
 import * as path from 'node:path';
 import { readInto, writeZeroRange, type ByteIO, type IOProvider } from '../core/byte-io.js';
 import { QcowError } from '../core/errors.js';
@@ -71,11 +71,13 @@ export class FileIO implements ByteIO {
   }
 
   read(buf: Uint8Array, offset: number): Promise<number> {
-    // fs.read with a callback costs about half of FileHandle.read per call (Node 20): it matters
-    // for many small reads (the NBD server's 4 KiB random reads).
-    return new Promise((resolve, reject) => {
-      fsRead(this.live(), buf, 0, buf.length, offset, (err, n) => (err ? reject(err) : resolve(n)));
-    });
+    let fd: number;
+    try {
+      fd = this.live();
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return fsCalls.read(fd, buf, offset);
   }
 
   /** Read all of `buf` (zeros past the end), its zero runs made on the thread pool where possible. */
