@@ -27,7 +27,8 @@ export interface ByteIO {
   close(): Promise<void>;
   /**
    * Where the platform can tell (SEEK_DATA/SEEK_HOLE): the allocation of `[offset, offset+length)`
-   * as runs of data and holes. Undefined when unknown.
+   * as runs of data and holes, covering the range or (where it has many runs) a prefix of it.
+   * Undefined when unknown.
    */
   dataRuns?(offset: number, length: number): Promise<Array<{ offset: number; length: number; data: boolean }> | undefined>;
   /** Bytes of storage actually used (st_blocks * 512 for files). */

@@ -18,8 +18,12 @@ interface SparseAddon {
   fallocate?(fd: number, mode: 0 | 1, offset: number, length: number): Promise<void>;
 }
 
-/** Most runs one call returns; past that the rest of the range is reported as one data run. */
-export const MAX_RUNS = 1024;
+/**
+ * Most runs one call returns (they then cover a prefix of the range; callers ask again from its
+ * end). Small, so that a copy starts after a few lseeks, not after walking the whole file: QEMU
+ * asks for one extent at a time, as it goes.
+ */
+export const MAX_RUNS = 128;
 
 /** errno codes meaning "this file/file system cannot answer", not "something is wrong". */
 const UNSUPPORTED = new Set(['EINVAL', 'ENOTSUP', 'EOPNOTSUPP', 'ENOSYS', 'ESPIPE']);
@@ -67,11 +71,12 @@ export function sparseSupported(): boolean {
 
 /**
  * The allocation of `[offset, offset + length)` in the file open as `fd`: consecutive runs, in
- * order, of data (`data: true`) and holes (`data: false`), covering exactly that range. Bytes past
- * end of file count as a hole. Adjacent runs never have the same kind.
+ * order, of data (`data: true`) and holes (`data: false`), covering that range from its start.
+ * Bytes past end of file count as a hole. Adjacent runs never have the same kind.
  *
- * At most {@link MAX_RUNS} runs are returned: if the range has more, the last run is a data run
- * covering the rest of the range (data is always a safe answer: it just means "read it").
+ * At most {@link MAX_RUNS} runs are returned: if the range has more, they cover only a prefix of
+ * it, ending where the file's allocation really changes (so asking again from there splits no
+ * extent).
  *
  * Undefined when the addon is not available or the file/file system cannot tell (lseek fails
  * with EINVAL, ENOTSUP, ESPIPE, ...). Other errors (EBADF, EIO) are thrown.
@@ -103,11 +108,7 @@ export async function sparseRuns(
   try {
     let pos = offset;
     while (pos < end) {
-      // Out of room: the rest is declared data (keeps us at MAX_RUNS: merges if the last run is data).
-      if (runs.length >= MAX_RUNS - 1) {
-        push(pos, end, true);
-        break;
-      }
+      if (runs.length >= MAX_RUNS) break; // the caller asks again from pos
       const d = a.seek(fd, pos, a.SEEK_DATA);
       if (d < 0) {
         // ENXIO: no data at or after pos (includes pos >= EOF).

@@ -134,32 +134,39 @@ describe('sparseRuns', () => {
     expect(runs).toEqual([{ offset: 0, length: 64 * K, data: false }]);
   });
 
-  it(`caps the result at ${MAX_RUNS} runs, the rest reported as data`, async () => {
+  it(`caps the result at ${MAX_RUNS} runs covering a prefix, the rest coming from later calls`, async () => {
     const file = path.join(dir, 'many.img');
-    const chunks = 600; // 4k data every 8k: 1200 runs
+    const chunks = MAX_RUNS + 30; // 4k data every 8k: more than twice MAX_RUNS runs
     const fd = fs.openSync(file, 'w+');
     try {
       const buf = Buffer.alloc(4 * K, 0xcc);
       for (let i = 0; i < chunks; i++) fs.writeSync(fd, buf, 0, buf.length, i * 8 * K);
-      fs.ftruncateSync(fd, chunks * 8 * K);
+      fs.ftruncateSync(fd, chunks * 8 * K + 12 * K);
       fs.fsyncSync(fd);
-      const size = chunks * 8 * K;
-      const runs = await sparseRuns(fd, 0, size);
-      if (runs === undefined) return;
-      checkTiling(runs, 0, size);
-      expect(runs.length).toBeLessThanOrEqual(MAX_RUNS);
-      if (hasHoles(file) && fs.statSync(file).blksize === 4096) {
-        // Exact up to the cap (1023 or 1024 runs, depending on whether the last exact run is data,
-        // which the catch-all data run then extends).
-        expect(runs.length).toBeGreaterThanOrEqual(MAX_RUNS - 1);
-        const n = runs.length - 1;
-        for (let i = 0; i < n; i++) expect(runs[i]).toEqual({ offset: i * 4 * K, length: 4 * K, data: i % 2 === 0 });
-        expect(runs[n]).toEqual({ offset: n * 4 * K, length: size - n * 4 * K, data: true });
+      const size = chunks * 8 * K + 12 * K;
+      const all: Array<{ offset: number; length: number; data: boolean }> = [];
+      let calls = 0;
+      for (let pos = 0; pos < size; calls++) {
+        const runs = await sparseRuns(fd, pos, size - pos);
+        if (runs === undefined) return;
+        expect(runs.length).toBeGreaterThan(0);
+        expect(runs.length).toBeLessThanOrEqual(MAX_RUNS);
+        expect(runs[0]!.offset).toBe(pos);
+        for (let i = 1; i < runs.length; i++) expect(runs[i]!.offset).toBe(runs[i - 1]!.offset + runs[i - 1]!.length);
+        all.push(...runs);
+        const last = runs[runs.length - 1]!;
+        pos = last.offset + last.length;
       }
-      // The rest comes back fine when asked from where the capped answer stopped being exact.
-      const last = runs[runs.length - 1]!;
-      const rest = (await sparseRuns(fd, last.offset, last.offset + last.length - last.offset))!;
-      checkTiling(rest, last.offset, last.length);
+      // Put together, the calls' answers tile the file with alternating kinds: no extent split.
+      checkTiling(all, 0, size);
+      for (let i = 1; i < all.length; i++) expect(all[i]!.data).not.toBe(all[i - 1]!.data);
+      if (hasHoles(file) && fs.statSync(file).blksize === 4096) {
+        expect(calls).toBeGreaterThan(2);
+        // (the last chunk's hole and the 12k past it are one hole)
+        expect(all.length).toBe(2 * chunks);
+        for (let i = 0; i < 2 * chunks - 1; i++) expect(all[i]).toEqual({ offset: i * 4 * K, length: 4 * K, data: i % 2 === 0 });
+        expect(all[2 * chunks - 1]).toEqual({ offset: (2 * chunks - 1) * 4 * K, length: 16 * K, data: false });
+      }
     } finally {
       fs.closeSync(fd);
     }
