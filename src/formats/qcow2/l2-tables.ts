@@ -139,9 +139,18 @@ export class L2Tables {
       const buf = cache.getNow(sliceOff)!;
       const stop = Math.min(sb, at + (n - k) * eb);
       for (let p = at; p < stop; p += 8, k++) {
+        // big-endian bytes written here: this runs per cluster, cold (a call each costs more)
         const off = host + k * cs;
-        setBe32(buf, p, Math.floor(off / 0x100000000) | COPIED_HI);
-        setBe32(buf, p + 4, off >>> 0);
+        const hi = Math.floor(off / 0x100000000) | COPIED_HI;
+        const lo = off >>> 0;
+        buf[p] = hi >>> 24;
+        buf[p + 1] = hi >>> 16;
+        buf[p + 2] = hi >>> 8;
+        buf[p + 3] = hi;
+        buf[p + 4] = lo >>> 24;
+        buf[p + 5] = lo >>> 16;
+        buf[p + 6] = lo >>> 8;
+        buf[p + 7] = lo;
       }
       cache.markDirty(sliceOff);
     }
