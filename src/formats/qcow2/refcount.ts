@@ -452,7 +452,6 @@ export class Refcounts {
     }
   }
 
-
   /**
    * Allocate `n` contiguous clusters (refcount 1 each). Returns the host byte offset. As in QEMU,
    * a refcount block the run needs is created at the free-cluster index (after the run); then
