@@ -57,9 +57,8 @@ function narrow(s: number, e: number, same: (s: number, e: number) => boolean, l
   return -1; // not reached when the range differs
 }
 
-/** Index of the first byte where `a` and `b` differ (over `length` bytes), or -1. */
-export function firstDifference(a: Uint8Array, b: Uint8Array, length = Math.min(a.length, b.length)): number {
-  const same = (s: number, e: number) => rangeEqual(a, b, s, e);
+/** The first position in `[0, length)` where `same` fails, block by block from the start, or -1. */
+function firstFailing(length: number, same: (s: number, e: number) => boolean): number {
   for (let s = 0; s < length; s += BLOCK) {
     const e = Math.min(length, s + BLOCK);
     if (!same(s, e)) return narrow(s, e, same, false);
@@ -67,14 +66,14 @@ export function firstDifference(a: Uint8Array, b: Uint8Array, length = Math.min(
   return -1;
 }
 
+/** Index of the first byte where `a` and `b` differ (over `length` bytes), or -1. */
+export function firstDifference(a: Uint8Array, b: Uint8Array, length = Math.min(a.length, b.length)): number {
+  return firstFailing(length, (s, e) => rangeEqual(a, b, s, e));
+}
+
 /** Index of the first non-zero byte of `buf[0, length)`, or -1. */
 export function firstNonZero(buf: Uint8Array, length = buf.length): number {
-  const zero = (s: number, e: number) => rangeZero(buf, s, e);
-  for (let s = 0; s < length; s += BLOCK) {
-    const e = Math.min(length, s + BLOCK);
-    if (!zero(s, e)) return narrow(s, e, zero, false);
-  }
-  return -1;
+  return firstFailing(length, (s, e) => rangeZero(buf, s, e));
 }
 
 /** Index of the last non-zero byte of `buf[0, length)`, or -1. */
