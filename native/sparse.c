@@ -202,6 +202,17 @@ static void reject_errno(napi_env env, napi_deferred deferred, const char *messa
   napi_reject_deferred(env, deferred, v);
 }
 
+/* A promise for `data`'s job, queued on the thread pool as `name`; false if any step failed. */
+static bool queue_job(napi_env env, const char *name, napi_async_execute_callback execute,
+                      napi_async_complete_callback complete, void *data, napi_async_work *work,
+                      napi_deferred *deferred, napi_value *promise) {
+  napi_value resource_name;
+  return napi_create_promise(env, deferred, promise) == napi_ok &&
+         napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &resource_name) == napi_ok &&
+         napi_create_async_work(env, NULL, resource_name, execute, complete, data, work) == napi_ok &&
+         napi_queue_async_work(env, *work) == napi_ok;
+}
+
 #if defined(__linux__) && defined(FALLOC_FL_PUNCH_HOLE) && defined(FALLOC_FL_KEEP_SIZE)
 #define HAVE_FALLOCATE 1
 
@@ -265,11 +276,8 @@ static napi_value do_fallocate(napi_env env, napi_callback_info info) {
   j->mode = mode;
   j->offset = offset;
   j->length = length;
-  napi_value promise, name;
-  if (napi_create_promise(env, &j->deferred, &promise) != napi_ok ||
-      napi_create_string_utf8(env, "qcowkit_fallocate", NAPI_AUTO_LENGTH, &name) != napi_ok ||
-      napi_create_async_work(env, NULL, name, falloc_execute, falloc_complete, j, &j->work) != napi_ok ||
-      napi_queue_async_work(env, j->work) != napi_ok) {
+  napi_value promise;
+  if (!queue_job(env, "qcowkit_fallocate", falloc_execute, falloc_complete, j, &j->work, &j->deferred, &promise)) {
     free(j);
     napi_throw_error(env, NULL, "fallocate: could not queue the request");
     return NULL;
@@ -351,14 +359,11 @@ static napi_value read_scan(napi_env env, napi_callback_info info) {
   j->data = data;
   j->len = len;
   j->runs = runs;
-  napi_value promise, name;
+  napi_value promise;
   /* both arrays are held until the work completes */
   if (napi_create_reference(env, argv[1], 1, &j->bytes_ref) != napi_ok) goto fail;
   if (napi_create_reference(env, argv[3], 1, &j->runs_ref) != napi_ok) goto fail_bytes;
-  if (napi_create_promise(env, &j->deferred, &promise) != napi_ok ||
-      napi_create_string_utf8(env, "qcowkit_read_scan", NAPI_AUTO_LENGTH, &name) != napi_ok ||
-      napi_create_async_work(env, NULL, name, read_scan_execute, read_scan_complete, j, &j->work) != napi_ok ||
-      napi_queue_async_work(env, j->work) != napi_ok)
+  if (!queue_job(env, "qcowkit_read_scan", read_scan_execute, read_scan_complete, j, &j->work, &j->deferred, &promise))
     goto fail_runs;
   return promise;
 fail_runs:
